@@ -1,0 +1,45 @@
+# The rig — two commands on a fresh Debian 12 machine, as root:
+#   make run    run the HIL suites on the default (virtual) farm into reports/<run-id>/
+#   make test   run the rig's own tests (unit tests + lint)
+# Both install what they need first; re-running changes nothing.
+
+VENV        ?= .venv
+PYTHON      ?= python3
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.rig-installed
+APT_STAMP   := $(VENV)/.rig-apt
+# Debian packages the rig drives: the broker, the HSM for signing keys, capture.
+# python3-venv so `python3 -m venv` works on a stock Debian python.
+APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv
+
+.PHONY: install test run lint clean
+
+install: $(APT_STAMP) $(STAMP)
+
+$(APT_STAMP):
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml $(APT_STAMP)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+lint: install
+	$(BIN)/ruff check rig fixtures suites tests bench conftest.py
+
+test: install lint
+	$(BIN)/python -m pytest tests -q
+
+run: install
+	$(BIN)/rig run
+
+clean:
+	rm -rf $(VENV) .rig
