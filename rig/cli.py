@@ -1,3 +1,108 @@
-"""Placeholder, replaced below."""
+"""``rig``: the front door for CI, compliance engineers and the lab bench.
+
+Commands map to what DESIGN.md's users do: ``rig boards`` (what is in the farm),
+``rig run`` (the suites over the farm into a fresh ``reports/<run-id>/``). Bad input
+prints one readable message and exits non-zero; no tracebacks for lab mistakes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rig.boards.virtual_ports import published_port
+from rig.lab import DEFAULT_BOARDS_FILE, Lab, LabConfigError, load_lab
+from rig.runs import RunDirectory
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUITES_DIR = REPO_ROOT / "suites"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="HIL security test rig for ESP RainMaker-class devices.")
+console = Console()
+err_console = Console(stderr=True)
+
+BoardsOption = Annotated[Path, typer.Option("--boards", "-b", help="lab description file", show_default=True)]
+
+
+def _load(path: Path) -> Lab:
+    try:
+        return load_lab(path)
+    except LabConfigError as exc:
+        err_console.print(f"[bold red]{path} is not usable:[/]")
+        for problem in exc.problems:
+            err_console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def boards(boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE)) -> None:
+    """Show the farm described by boards.yaml; exit 2 if the file is invalid."""
+    lab = _load(boards_file)
+    table = Table(title=f"lab {lab.lab} — {len(lab.boards)} board(s), stack: {lab.stack.kind}")
+    for col in ("name", "kind", "chip", "port", "firmware", "tags", "eFuses"):
+        table.add_column(col)
+    for b in lab.boards:
+        port = b.port or published_port(lab.state_dir, b.name) or "(on start)"
+        firmware = str(b.firmware) if b.firmware else ("generated" if b.kind == "virtual" else "(none)")
+        table.add_row(
+            b.name,
+            b.kind,
+            b.chip,
+            port,
+            firmware,
+            ", ".join(b.tags),
+            "sacrificial" if b.sacrificial else "keep",
+        )
+    console.print(table)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE),
+    board: Annotated[list[str] | None, typer.Option("--board", help="only this board (repeatable)")] = None,
+) -> None:
+    """Run suites/ against the farm into reports/<run-id>/. Arguments after -- go to pytest."""
+    lab = _load(boards_file)
+    selected = board or []
+    try:
+        lab.select(selected)
+    except LabConfigError as exc:
+        err_console.print(str(exc), markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if not SUITES_DIR.is_dir():
+        err_console.print(f"no suites folder at {SUITES_DIR}. Fix: run rig from a checkout of the rig repository")
+        raise typer.Exit(2)
+    run_dir = RunDirectory.create(lab.reports_dir)
+    argv = [
+        sys.executable, "-m", "pytest", str(SUITES_DIR),
+        f"--rootdir={REPO_ROOT}",
+        f"--boards={boards_file.resolve()}",
+        *[f"--board={n}" for n in selected],
+        f"--rig-run-dir={run_dir.root}",
+        f"--junitxml={run_dir.junit}",
+        f"--alluredir={run_dir.allure_results}",
+        "-o", "junit_family=xunit2",
+        *ctx.args,
+    ]  # fmt: skip
+    console.print(f"[bold]run {run_dir.run_id}[/] on {', '.join(selected) or 'every board'} of lab {lab.lab}")
+    code = subprocess.call(argv, cwd=REPO_ROOT)
+    console.print(f"results in [bold]{run_dir.root}[/]:")
+    console.print(f"  JUnit   {run_dir.junit}")
+    console.print(f"  allure  {run_dir.allure_results}  (allure serve {run_dir.allure_results})")
+    console.print(f"  logs    {run_dir.logs}")
+    raise typer.Exit(code)
+
+
 def main() -> None:
-    pass
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -251,6 +251,8 @@ class Lab(_Strict):
 
     @model_validator(mode="after")
     def _farm_rules(self) -> Lab:
+        if not self.boards:
+            raise _LocatedError("the farm has no boards. Fix: list at least one board under boards:", ("boards",))
         seen: dict[str, int] = {}
         for i, b in enumerate(self.boards):
             if b.name in seen:

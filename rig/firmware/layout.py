@@ -72,7 +72,7 @@ class Layout:
                 "the file is truncated or this is not the artefact you meant",
             )
         values = self._struct.unpack_from(data, offset)
-        return {f.name: v for f, v in zip(self.fields, values)}
+        return {f.name: v for f, v in zip(self.fields, values, strict=True)}
 
     def pack(self, values: Mapping[str, Any]) -> bytes:
         """Build the structure from *values*; every field must be given."""

@@ -10,9 +10,12 @@ from rig.targets.esp32c3 import ESP32C3, ChipTarget
 SUPPORTED: dict[str, type[ChipTarget]] = {ESP32C3.name: ESP32C3}
 
 
+KNOWN_FEATURES: frozenset[str] = frozenset().union(*(t.features for t in SUPPORTED.values()))
+
+
 def target_for(chip: str) -> type[ChipTarget]:
     """The target class for *chip* (e.g. ``"esp32c3"``); unknown chips raise ``KeyError``."""
     return SUPPORTED[chip]
 
 
-__all__ = ["ESP32C3", "SUPPORTED", "ChipTarget", "target_for"]
+__all__ = ["ESP32C3", "KNOWN_FEATURES", "SUPPORTED", "ChipTarget", "target_for"]

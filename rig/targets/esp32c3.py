@@ -29,6 +29,7 @@ class ChipTarget:
     irom_base: ClassVar[int]
     dram_base: ClassVar[int]
     iram_base: ClassVar[int]
+    features: ClassVar[frozenset[str]]
 
 
 class ESP32C3(ChipTarget):
@@ -46,3 +47,6 @@ class ESP32C3(ChipTarget):
     irom_base = 0x42000000           # SOC_IROM_LOW
     dram_base = 0x3FC80000           # SOC_DRAM_LOW
     iram_base = 0x4037C000           # SOC_IRAM_LOW
+    # What a suite may ask for with @pytest.mark.needs(...): radios and security blocks
+    # of the SoC (SOC_WIFI_SUPPORTED, SOC_BT_SUPPORTED, SOC_USB_SERIAL_JTAG_SUPPORTED …).
+    features = frozenset({"wifi", "ble", "usb_serial_jtag", "secure_boot_v2", "flash_encryption", "efuse"})

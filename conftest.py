@@ -1,0 +1,11 @@
+"""Root pytest wiring: the rig's fixtures are plugins under ``fixtures/``.
+
+Suites (``suites/``) and the rig's own tests (``tests/``) share these options:
+``--boards FILE`` and ``--board NAME`` (repeatable). See ``fixtures/`` for each part.
+"""
+
+pytest_plugins = [
+    "fixtures.lab",
+    "fixtures.markers",
+    "fixtures.farm",
+]

@@ -1,0 +1,61 @@
+"""Keeping secrets out of evidence.
+
+PoPs, Wi-Fi passphrases, tokens, HSM PINs and private keys must never reach a log,
+an allure attachment or a report. Every secret the rig learns is registered with a
+:class:`SecretRegistry`; :class:`RedactingFilter` rewrites log records through it, and
+writers of evidence call :meth:`SecretRegistry.scrub` on text before it is saved.
+PEM private-key blocks are removed whether registered or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+
+REDACTED = "***"
+_PEM_PRIVATE_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z0-9 ]+ )?PRIVATE KEY-----.*?-----END (?:[A-Z0-9 ]+ )?PRIVATE KEY-----", re.DOTALL
+)
+_MIN_SECRET_LEN = 4  # shorter values would redact ordinary words and numbers
+
+
+class SecretRegistry:
+    """The set of secret strings known to this process."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, secret: str | None) -> None:
+        if secret and len(secret) >= _MIN_SECRET_LEN:
+            with self._lock:
+                self._secrets.add(secret)
+
+    def scrub(self, text: str) -> str:
+        text = _PEM_PRIVATE_KEY.sub(f"-----{REDACTED} PRIVATE KEY-----", text)
+        with self._lock:
+            ordered = sorted(self._secrets, key=len, reverse=True)
+        for s in ordered:
+            text = text.replace(s, REDACTED)
+        return text
+
+    def __len__(self) -> int:
+        return len(self._secrets)
+
+
+SECRETS = SecretRegistry()
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that renders each record and scrubs the result."""
+
+    def __init__(self, registry: SecretRegistry = SECRETS):
+        super().__init__()
+        self.registry = registry
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        record.msg = self.registry.scrub(message)
+        record.args = None
+        return True
