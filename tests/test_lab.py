@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -159,11 +160,11 @@ def test_shape_errors(tmp_path: Path, text: str, expect: str) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(LabConfigError, match="file not found. Fix: pass --boards FILE"):
+    with pytest.raises(LabConfigError, match=re.escape("file not found. Fix: pass --boards FILE")):
         load_lab(tmp_path / "nope.yaml")
 
 
 def test_unknown_board_selection(tmp_path: Path) -> None:
     lab = load_lab(REPO / "boards.yaml")
-    with pytest.raises(LabConfigError, match="no board named 'vb9'. Fix: use one of vb1, vb2"):
+    with pytest.raises(LabConfigError, match=re.escape("no board named 'vb9'. Fix: use one of vb1, vb2")):
         lab.select(["vb9"])
