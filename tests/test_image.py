@@ -419,11 +419,11 @@ def test_unaligned_segment_length() -> None:
 
 
 def test_misaligned_flash_segment() -> None:
-    irom = Segment(ESP32C3.irom_base + 0x20, SPIN)
+    irom = Segment(ESP32C3.irom_base + 0x100, SPIN)
     data = build_image([irom], header=ImageHeader(entry_addr=irom.load_addr), align_flash_segments=False)
     result = verify_image(data, flash_offset=0x10000)
     assert result.codes == ["segment"]
-    assert result.problems[0].message == "Segment 0 load address 0x42000020, doesn't match data 0x00010020"
+    assert result.problems[0].message == "Segment 0 load address 0x42000100, doesn't match data 0x00010020"
     aligned = build_image([irom], header=ImageHeader(entry_addr=irom.load_addr))
     assert [s.load_addr for s in EspImage.parse(aligned).segments] == [0, irom.load_addr]
     assert verify_image(aligned).ok
