@@ -344,20 +344,25 @@ class EspImage:
     @property
     def app_desc(self) -> AppDescriptor:
         """The ``esp_app_desc_t`` at the start of the first segment (file offset 0x20)."""
+        what = "app image, app descriptor"
         if not self.segments:
             raise FirmwareFormatError(
-                "app image", "has no segments, so no esp_app_desc_t", APP_DESC_OFFSET,
-                "an ESP-IDF app starts with its DROM segment holding the app descriptor",
+                what,
+                "the image has no segments, so no esp_app_desc_t",
+                APP_DESC_OFFSET,
+                "an ESP-IDF app starts with a DROM segment holding the app descriptor",
             )
+        first = self.segments[0]
         try:
-            return AppDescriptor.parse(self.segments[0].data, 0, what="app image, app descriptor")
+            return AppDescriptor.parse(first.data, 0, what=what)
         except FirmwareFormatError as exc:
-            raise FirmwareFormatError(
-                exc.what, exc.problem, APP_DESC_OFFSET + (exc.offset or 0),
-                exc.fix if self.segments[0].is_mapped() else
-                f"the first segment loads at 0x{self.segments[0].load_addr:08x}, not in DROM: "
-                "this looks like a bootloader or RAM-only image, not an app",
-            ) from None
+            fix = exc.fix
+            if not first.is_mapped():
+                fix = (
+                    f"the first segment loads at 0x{first.load_addr:08x}, not in DROM: "
+                    "this looks like a bootloader or RAM-only image, not an app"
+                )
+            raise FirmwareFormatError(what, exc.problem, APP_DESC_OFFSET + (exc.offset or 0), fix) from None
 
     def segment_offsets(self) -> list[int]:
         """File offset of each segment's header (esptool image-info's "File offs")."""
@@ -717,10 +722,13 @@ __all__ = [
     "CHECKSUM_INITIAL",
     "DIGEST_LEN",
     "FLASH_FREQ_NIBBLES",
+    "FLASH_MAP_WINDOW",
     "FLASH_SIZE_NIBBLES",
     "IMAGE_HEADER_LAYOUT",
     "IMAGE_MAGIC",
+    "LOADABLE_MIN_ADDR",
     "MAX_SEGMENTS",
+    "MAX_SEGMENT_LEN",
     "SEGMENT_HEADER_LAYOUT",
     "SPI_MODES",
     "EspImage",

@@ -408,6 +408,14 @@ class PartitionTable:
             slots.append(by_slot[len(slots)])
         return slots
 
+    def boot_default(self) -> Partition | None:
+        """Where the build flashes the app: ``factory``, else the lowest ``ota_N``
+        (parttool.py ``PARTITION_BOOT_DEFAULT``, used for flasher_args.json's "app" offset)."""
+        if self.factory is not None:
+            return self.factory
+        ota = sorted((p for p in self.partitions if p.ota_slot is not None), key=lambda p: p.subtype)
+        return ota[0] if ota else None
+
     @property
     def factory(self) -> Partition | None:
         found = self.find_type(PartitionType.APP, AppSubtype.FACTORY)
