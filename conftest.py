@@ -8,4 +8,5 @@ pytest_plugins = [
     "fixtures.lab",
     "fixtures.markers",
     "fixtures.farm",
+    "fixtures.firmware",
 ]

@@ -52,6 +52,16 @@ def table_bytes(entries: list[bytes], md5: bool = True) -> bytes:
     return body + b"\xff" * (0xC00 - len(body))
 
 
+FEATURES_CSV = """\
+bootloader, bootloader, primary, N/A, N/A
+partition_table, partition_table, primary, N/A, N/A
+nvs, data, nvs, , 24k, readonly
+app, app, ota_0, , -0x200000
+store, data, 0x99, 0x300000, 0x1000, encrypted:readonly
+cd, data, coredump, , 64K
+t, app, test, , 64K
+"""
+
 SMALL_BYTES = table_bytes([
     entry("nvs", 1, 2, 0x9000, 0x6000),
     entry("otadata", 1, 0, 0xF000, 0x2000),
@@ -128,14 +138,7 @@ def test_csv_round_trip_and_gen_esp32part_text() -> None:
 
 
 def test_csv_features_negative_size_flags_bootloader_rows() -> None:
-    table = PartitionTable.from_csv(
-        "bootloader, bootloader, primary, N/A, N/A\n"
-        "partition_table, partition_table, primary, N/A, N/A\n"
-        "nvs, data, nvs, , 24k, readonly\n"
-        "app, app, ota_0, , -0x200000\n"
-        "store, data, 0x99, 0x300000, 0x1000, encrypted:readonly\n",
-        offset=0x8000,
-    )
+    table = PartitionTable.from_csv(FEATURES_CSV, offset=0x8000)
     assert table["bootloader"].offset == 0 and table["bootloader"].size == 0x8000
     assert table["partition_table"].offset == 0x8000 and table["partition_table"].size == 0x1000
     assert table["nvs"].readonly and table["nvs"].offset == 0x9000
@@ -255,15 +258,15 @@ def test_app_slots_stop_at_a_gap() -> None:
 
 def test_against_gen_esp32part_from_esp_idf_defs() -> None:
     gen = pytest.importorskip("esp_idf_defs.partitions", reason="pip install esp-idf-defs to cross-check")
-    for csv, offset in ((RAINMAKER_4MB_CSV, 0xC000), (SMALL_CSV, 0x8000)):
-        theirs = gen.PartitionTable.from_csv(csv, offset)
+    for csv, offset in ((RAINMAKER_4MB_CSV, 0xC000), (SMALL_CSV, 0x8000), (FEATURES_CSV, 0x8000)):
+        theirs = gen.PartitionTable.from_csv(csv, offset, 0x0)
         theirs.verify(offset)
         ours = PartitionTable.from_csv(csv, offset=offset)
         assert ours.to_bytes() == theirs.to_binary()
         assert ours.to_csv() == theirs.to_csv()
         back = gen.PartitionTable.from_binary(ours.to_bytes())
-        assert [(p.name, p.type, p.subtype, p.offset, p.size, p.encrypted) for p in back] == [
-            (p.name, p.type, p.subtype, p.offset, p.size, p.encrypted) for p in ours]
+        assert [(p.name, p.type, p.subtype, p.offset, p.size, p.encrypted, p.readonly) for p in back] == [
+            (p.name, p.type, p.subtype, p.offset, p.size, p.encrypted, p.readonly) for p in ours]
 
 
 def test_command_line_is_a_gen_esp32part_stand_in(tmp_path) -> None:  # type: ignore[no-untyped-def]
