@@ -92,9 +92,9 @@ def test_missing_role_and_missing_base(vset: tuple[FirmwareSet, Path], tmp_path:
     with pytest.raises(MissingRole, match="has no 'crash_on_boot' build"):
         loaded.build("crash_on_boot")
     shutil.rmtree(partial / "base")
-    with pytest.raises(FirmwareSetError, match="has no 'base' build. Fix: add"):
+    with pytest.raises(FirmwareSetError, match=r"has no 'base' build\. Fix: add"):
         FirmwareSet.load(partial)
-    with pytest.raises(FirmwareSetError, match="does not exist. Fix: point firmware:"):
+    with pytest.raises(FirmwareSetError, match=r"does not exist\. Fix: point firmware:"):
         FirmwareSet.load(tmp_path / "nowhere")
 
 
