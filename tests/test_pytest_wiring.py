@@ -149,3 +149,15 @@ def test_missing_port_message_from_esptool(scratch: pytest.Pytester, tmp_path: P
     result = run(scratch, "def test_mac(board):\n    board.read_mac()\n", "--tb=line")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*BoardError: board 'bench' on /dev/rig-no-such-port:*Could not open /dev/rig-no-such-port*"])
+
+
+def test_real_board_identity_is_checked_once_before_use(scratch: pytest.Pytester) -> None:
+    """A declared MAC is checked with esptool before first use; an unreachable board makes the
+    tests INCONCLUSIVE (errors at setup, esptool asked once), not failures of the device."""
+    lab = "lab: x\nboards:\n  - name: bench\n    kind: esp\n    port: /dev/rig-no-such-port\n    mac: 84:f7:03:00:00:01\n"
+    scratch.makefile(".yaml", boards=lab)
+    result = run(scratch, "def test_a(board):\n    pass\ndef test_b(board):\n    pass\n")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*INCONCLUSIVE: board 'bench' on /dev/rig-no-such-port:*Could not open*"])
+    log = (scratch.path / "run" / "logs" / "bench.log").read_text()
+    assert sum("INFO esptool" in line and "read-mac" in line for line in log.splitlines()) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Mapping
@@ -26,6 +27,17 @@ _MAC_LINE = re.compile(r"^MAC:\s*([0-9a-f]{2}(?::[0-9a-f]{2}){5})", re.MULTILINE
 
 class BoardError(RuntimeError):
     """A board could not be used; the message names the board and the fix."""
+
+
+def usb_serial_number(port: str) -> str | None:
+    """The USB serial number of the device behind *port* (a /dev path or a by-id symlink)."""
+    from serial.tools import list_ports
+
+    real = os.path.realpath(port)
+    for info in list_ports.comports():
+        if os.path.realpath(info.device) == real:
+            return info.serial_number
+    return None
 
 
 @dataclass
@@ -100,6 +112,21 @@ class Board:
                 "Fix: a board was swapped or the port moved; correct port: or mac: in boards.yaml"
             )
         return mac
+
+    def verify_usb_serial(self) -> None:
+        """Check the USB serial number of a local port against ``usb_serial:`` (udev's view).
+
+        Remote (RFC 2217) ports carry no USB descriptor; for those only the MAC can be checked.
+        """
+        if not self.spec.usb_serial or not self.port or not self.port.startswith("/dev/"):
+            return
+        found = usb_serial_number(self.port)
+        if found != self.spec.usb_serial:
+            raise BoardError(
+                f"board '{self.name}': the USB device on {self.port} has serial number {found or '(none)'}, "
+                f"boards.yaml says {self.spec.usb_serial}. Fix: a board was swapped or the port moved; "
+                "correct port: or usb_serial: in boards.yaml"
+            )
 
     # ------------------------------------------------------------------ flash
 
