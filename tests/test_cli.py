@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,33 @@ def test_boards_missing_file(tmp_path: Path) -> None:
 def test_run_unknown_board(tmp_path: Path) -> None:
     res = rig("run", "--board", "vb9")
     assert res.returncode == 2 and "no board named 'vb9'" in res.stderr
+
+
+def test_run_writes_junit_allure_and_board_logs(tmp_path: Path) -> None:
+    lab = tmp_path / "boards.yaml"
+    lab.write_text("lab: t\nboards:\n  - name: vb1\n    kind: virtual\n  - name: vb2\n    kind: virtual\n")
+    res = rig("run", "--boards", str(lab), "--board", "vb1", "--", "-k", "otadata or next_is")
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run,) = (tmp_path / "reports").iterdir()
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", run.name)
+    assert str(run) in res.stdout
+    cases = ET.parse(run / "junit.xml").getroot().iter("testcase")
+    names = sorted(c.get("name") for c in cases)
+    assert names == ["test_initial_otadata_is_blank[vb1]", "test_next_is_a_newer_version_of_the_same_project[vb1]"]
+    results = [json.loads(p.read_text()) for p in (run / "allure-results").glob("*-result.json")]
+    assert sorted((r["name"], r["status"]) for r in results) == [
+        ("test_initial_otadata_is_blank[vb1]", "passed"),
+        ("test_next_is_a_newer_version_of_the_same_project[vb1]", "passed"),
+    ]
+    log = (run / "logs" / "vb1.log").read_text()
+    assert "lease suites/test_firmware_set.py::test_initial_otadata_is_blank[vb1]" in log
+    assert not (run / "logs" / "vb2.log").exists()
+
+
+def test_run_propagates_pytest_failure_code(tmp_path: Path) -> None:
+    lab = tmp_path / "boards.yaml"
+    lab.write_text("lab: t\nboards:\n  - name: vb1\n    kind: virtual\n")
+    res = rig("run", "--boards", str(lab), "--", "-k", "no_such_test_anywhere")
+    assert res.returncode == 5  # pytest: no tests collected
+    (run,) = (tmp_path / "reports").iterdir()
+    assert (run / "junit.xml").exists()
