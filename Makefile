@@ -9,14 +9,15 @@ BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.rig-installed
 APT_STAMP   := $(VENV)/.rig-apt
 # Debian packages the rig drives: the broker, the HSM for signing keys, capture.
-# python3-venv so `python3 -m venv` works on a stock Debian python.
-APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv
+# python3-venv so `python3 -m venv` works on a stock Debian python; gcc and mosquitto-dev
+# to build the broker's client-id plugin (rig/cloud/mosquitto_plugin/).
+APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv gcc libc6-dev mosquitto-dev
 
 .PHONY: install test run lint clean
 
 install: $(APT_STAMP) $(STAMP)
 
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -26,7 +27,7 @@ $(APT_STAMP):
 	fi
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml $(APT_STAMP)
+$(STAMP): pyproject.toml | $(APT_STAMP)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
