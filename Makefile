@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml | $(APT_STAMP)
 	@touch $@
 
 lint: install
-	$(BIN)/ruff check rig fixtures suites tests bench conftest.py
+	$(BIN)/ruff check .
 
 test: install lint
 	$(BIN)/python -m pytest tests -q
