@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rig.boards.virtual_ports import published_port
+from rig.espressif_tools import EspressifToolError
+from rig.firmware.behaviour import BehaviourManifest
 from rig.lab import DEFAULT_BOARDS_FILE, Lab, LabConfigError, load_lab
 from rig.runs import RunDirectory
 
@@ -98,6 +100,37 @@ def run(
     console.print(f"  allure  {run_dir.allure_results}  (allure serve {run_dir.allure_results})")
     console.print(f"  logs    {run_dir.logs}")
     raise typer.Exit(code)
+
+
+firmware_app = typer.Typer(no_args_is_help=True, help="Firmware sets and images.")
+app.add_typer(firmware_app, name="firmware")
+
+
+@firmware_app.command("build-virtual")
+def firmware_build_virtual(
+    boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE),
+    dest: Annotated[Path | None, typer.Option(help="output folder (default: the lab's virtual set)")] = None,
+    key: Annotated[Path | None, typer.Option(help="Secure Boot V2 RSA-3072 key file (default: the lab's virtual key)")] = None,
+) -> None:
+    """Write the virtual firmware set: base, next, next_secure, crash_on_boot, no_cloud (ESP-IDF build dirs)."""
+    from rig.firmware.firmware_set import FirmwareSetError
+    from rig.firmware.virtual_set import VIRTUAL_SIGNING_KEY, build_virtual_set, ensure_signing_key
+
+    lab = _load(boards_file)
+    out = dest or lab.state_dir / "firmware" / "virtual"
+    try:
+        fs = build_virtual_set(out, ensure_signing_key(key or lab.state_dir / VIRTUAL_SIGNING_KEY))
+    except (FirmwareSetError, EspressifToolError, OSError) as exc:
+        err_console.print(f"could not build the virtual firmware set: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"virtual firmware set {fs.root}")
+    for col in ("role", "version", "secure_version", "behaviour", "app"):
+        table.add_column(col)
+    for role in fs.roles:
+        desc = fs.app_desc(role)
+        behaviour = BehaviourManifest.from_image(fs.build(role).read_app_image())
+        table.add_row(role, desc.version, str(desc.secure_version), behaviour.boot if behaviour else "-", str(fs.build(role).path))
+    console.print(table)
 
 
 def main() -> None:

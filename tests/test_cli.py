@@ -85,3 +85,12 @@ def test_run_propagates_pytest_failure_code(tmp_path: Path) -> None:
     assert res.returncode == 5  # pytest: no tests collected
     (run,) = (tmp_path / "reports").iterdir()
     assert (run / "junit.xml").exists()
+
+
+def test_firmware_build_virtual_writes_every_role(tmp_path: Path) -> None:
+    res = rig("firmware", "build-virtual", "--dest", str(tmp_path / "set"), "--key", str(tmp_path / "k.pem"))
+    assert res.returncode == 0, res.stderr
+    for role, version in (("base", "1.0.0"), ("next_secure", "1.2.0"), ("crash_on_boot", "1.1.0-crash")):
+        assert role in res.stdout and version in res.stdout
+        assert (tmp_path / "set" / role / "flasher_args.json").is_file()
+    assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0  # the signing key is private to its owner

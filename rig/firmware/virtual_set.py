@@ -35,6 +35,7 @@ GENERATOR_VERSION = 1
 PROJECT_NAME = "rig_rmaker_node"
 IDF_VERSION = "v5.4.1"
 SET_MANIFEST = "firmware-set.json"
+VIRTUAL_SIGNING_KEY = "keys/virtual_sbv2_rsa3072.pem"  # under the lab's state folder
 
 # What ESP RainMaker examples build with (esp-rainmaker examples/*/sdkconfig.defaults) plus
 # Secure Boot V2 with externally signed images, as a production RainMaker node ships.
