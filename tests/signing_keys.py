@@ -8,7 +8,9 @@
   protocol that signs in this process: the same block layout espsecure writes
   (``SignatureBlock.create``, checked byte for byte against espsecure in
   ``tests/test_secure_boot_v2.py``), for sweeps that would otherwise start espsecure
-  dozens of times. Cross-checks against the real tools sign with espsecure.
+  dozens of times. Cross-checks against the real tools sign with espsecure;
+* :func:`softhsm_token` sets up a SoftHSM2 token (PINs :data:`USER_PIN`,
+  :data:`SO_PIN`) holding a signing key, or skips the test when SoftHSM2 is missing.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from rig.firmware.secure_boot_v2 import BLOCK_SIZE, SECTOR_SIZE, SignatureBlock, public_key_digest
+from rig.firmware.softhsm import SoftHsmToken, SoftHsmUnavailable, find_softhsm_library, find_softhsm_util
 
 ESPSECURE_TIMEOUT_S = 120
+USER_PIN = "user-pin-4711"
+SO_PIN = "so-pin-0815"
 T = TypeVar("T")
 
 
@@ -96,3 +102,15 @@ class InProcessSigner:
                                        Prehashed(hashes.SHA256()))
         block = SignatureBlock.create(digest, self._private.public_key(), signature)
         return padded + block.to_bytes() + b"\xff" * (SECTOR_SIZE - BLOCK_SIZE)
+
+
+def softhsm_token(directory: Path, label: str) -> tuple[SoftHsmToken, bytes]:
+    """A SoftHSM2 token *label* in *directory*, set up with :data:`USER_PIN` / :data:`SO_PIN`,
+    and its public key PEM; skips the calling test (or fixture) if SoftHSM2 is not installed."""
+    try:
+        find_softhsm_library()
+        find_softhsm_util()
+    except SoftHsmUnavailable as exc:
+        pytest.skip(str(exc))
+    token = SoftHsmToken(directory, label, user_pin=USER_PIN, so_pin=SO_PIN)
+    return token, token.setup()

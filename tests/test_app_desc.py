@@ -8,22 +8,10 @@ import pytest
 
 from rig.firmware.app_desc import APP_DESC_LAYOUT, APP_DESC_MAGIC, APP_DESC_OFFSET, AppDescriptor
 from rig.firmware.errors import FirmwareFormatError
+from tests.firmware_samples import FULL_DESC
 
 # esptool/cmds.py _parse_app_info
 ESPTOOL_APP_DESC_FMT = "<II8s32s32s16s16s32s32sHHB3s72s"
-
-SAMPLE = AppDescriptor(
-    version="2.3.1",
-    project_name="rmaker_switch",
-    secure_version=7,
-    time="12:34:56",
-    date="Mar  4 2025",
-    idf_ver="v5.4.1-dirty",
-    app_elf_sha256=bytes(range(32)),
-    min_efuse_blk_rev_full=1,
-    max_efuse_blk_rev_full=199,
-    mmu_page_size=16,
-)
 
 
 def test_layout_is_esptools_struct() -> None:
@@ -48,43 +36,43 @@ def test_known_bytes() -> None:
         0xABCD5432, 7, bytes(8), b"2.3.1", b"rmaker_switch", b"12:34:56", b"Mar  4 2025",
         b"v5.4.1-dirty", bytes(range(32)), 1, 199, 16, bytes(3), bytes(72),
     )  # fmt: skip
-    assert SAMPLE.to_bytes() == expected
-    assert SAMPLE.to_bytes()[:4] == bytes.fromhex("3254cdab")
+    assert FULL_DESC.to_bytes() == expected
+    assert FULL_DESC.to_bytes()[:4] == bytes.fromhex("3254cdab")
 
 
 def test_esptools_own_parser_reads_what_we_write() -> None:
     from esptool.cmds import _parse_app_info
 
-    info = _parse_app_info(SAMPLE.to_bytes())
+    info = _parse_app_info(FULL_DESC.to_bytes())
     assert info is not None
     assert info["project_name"] == "rmaker_switch"
     assert info["version"] == "2.3.1"
     assert info["secure_version"] == 7
     assert info["idf_ver"] == "v5.4.1-dirty"
-    assert info["app_elf_sha256"] == SAMPLE.elf_sha256_hex
+    assert info["app_elf_sha256"] == FULL_DESC.elf_sha256_hex
     assert info["mmu_page_size"] == "64 KB"
     assert info["min_efuse_blk_rev_full"] == "0.1"
     assert info["max_efuse_blk_rev_full"] == "1.99"
 
 
 def test_round_trip_keeps_reserved_bytes() -> None:
-    raw = bytearray(SAMPLE.to_bytes())
+    raw = bytearray(FULL_DESC.to_bytes())
     raw[181] = 2  # newer ESP-IDF stores spi_flash_mode here
     raw[8:16] = b"\x11" * 8
     raw[200] = 0x5A
     parsed = AppDescriptor.parse(bytes(raw))
     assert parsed.to_bytes() == bytes(raw)
     assert parsed.reserv3 == b"\x02\x00\x00"
-    assert AppDescriptor.parse(SAMPLE.to_bytes()) == SAMPLE
+    assert AppDescriptor.parse(FULL_DESC.to_bytes()) == FULL_DESC
 
 
 def test_parse_at_an_offset() -> None:
-    blob = b"\xe9" + bytes(APP_DESC_OFFSET - 1) + SAMPLE.to_bytes() + b"tail"
-    assert AppDescriptor.parse(blob, APP_DESC_OFFSET) == SAMPLE
+    blob = b"\xe9" + bytes(APP_DESC_OFFSET - 1) + FULL_DESC.to_bytes() + b"tail"
+    assert AppDescriptor.parse(blob, APP_DESC_OFFSET) == FULL_DESC
 
 
 def test_wrong_magic_names_offset_and_expected_magic() -> None:
-    raw = bytearray(SAMPLE.to_bytes())
+    raw = bytearray(FULL_DESC.to_bytes())
     raw[0] ^= 0xFF
     with pytest.raises(FirmwareFormatError) as err:
         AppDescriptor.parse(bytes(32) + bytes(raw), offset=32)
@@ -95,12 +83,12 @@ def test_wrong_magic_names_offset_and_expected_magic() -> None:
 
 def test_short_buffer_is_a_format_error() -> None:
     with pytest.raises(FirmwareFormatError) as err:
-        AppDescriptor.parse(SAMPLE.to_bytes()[:255])
+        AppDescriptor.parse(FULL_DESC.to_bytes()[:255])
     assert "256" in str(err.value)
 
 
 def test_unterminated_string_is_a_format_error() -> None:
-    raw = bytearray(SAMPLE.to_bytes())
+    raw = bytearray(FULL_DESC.to_bytes())
     raw[16:48] = b"x" * 32  # version with no NUL
     with pytest.raises(FirmwareFormatError, match="version"):
         AppDescriptor.parse(bytes(raw))

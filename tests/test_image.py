@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rig.firmware.app_desc import APP_DESC_OFFSET, AppDescriptor
+from rig.firmware.app_desc import APP_DESC_OFFSET
 from rig.firmware.errors import FirmwareFormatError
 from rig.firmware.image import (
     IMAGE_HEADER_LAYOUT,
@@ -26,18 +26,8 @@ from rig.firmware.image import (
 )
 from rig.targets.esp32c3 import ESP32C3
 from tests.esptool_cli import ImageInfo, elf2image, image_info, riscv_elf
+from tests.firmware_samples import DESC, MANIFEST, SPIN
 
-DESC = AppDescriptor(
-    version="1.4.2",
-    project_name="rmaker_switch",
-    secure_version=2,
-    time="09:15:00",
-    date="Feb 11 2025",
-    idf_ver="v5.4.1",
-    app_elf_sha256=hashlib.sha256(b"switch.elf").digest(),
-)
-MANIFEST = b'{"behaviour": "boot_ok"}'
-SPIN = bytes.fromhex("6f000000")  # RISC-V "j ."
 DRAM = 0x3FC88000
 IRAM = 0x40380000
 

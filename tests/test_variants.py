@@ -18,7 +18,6 @@ test double of the same key, to stay fast; the tool cross-checks use espsecure i
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from dataclasses import replace
 
@@ -28,7 +27,7 @@ from rig.firmware.app_desc import APP_DESC_LAYOUT, APP_DESC_OFFSET, AppDescripto
 from rig.firmware.errors import FirmwareFormatError
 from rig.firmware.image import DIGEST_LEN, IMAGE_HEADER_LAYOUT, EspImage, build_app_image, verify_image
 from rig.firmware.secure_boot_v2 import SECTOR_SIZE, SigningError, public_key_digest, sign_image_with_keyfile, verify_signed_image
-from rig.firmware.softhsm import SoftHsmToken, SoftHsmUnavailable, find_softhsm_library, find_softhsm_util
+from rig.firmware.softhsm import SoftHsmToken
 from rig.firmware.variants import (
     CATALOGUE,
     ESP32S3_CHIP_ID,
@@ -50,21 +49,8 @@ from rig.firmware.variants import (
     wrong_chip_id,
 )
 from tests.esptool_cli import ImageInfo, image_info
-from tests.signing_keys import InProcessSigner, KeyPair, espsecure, generate_keys, in_parallel
-
-DESC = AppDescriptor(
-    version="1.4.2",
-    project_name="rmaker_switch",
-    secure_version=2,
-    time="09:15:00",
-    date="Feb 11 2025",
-    idf_ver="v5.4.1",
-    app_elf_sha256=hashlib.sha256(b"switch.elf").digest(),
-)
-MANIFEST = b'{"behaviour": "boot_ok", "flaws": []}'
-USER_PIN = "variants-user-1234"
-SO_PIN = "variants-so-5678"
-
+from tests.firmware_samples import DESC, MANIFEST_WITH_FLAWS
+from tests.signing_keys import InProcessSigner, KeyPair, espsecure, generate_keys, in_parallel, softhsm_token
 
 # ------------------------------------------------------------------ fixtures
 
@@ -78,7 +64,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
 @pytest.fixture(scope="module")
 def plain() -> bytes:
     """The unsigned base image."""
-    return build_app_image(DESC, MANIFEST)
+    return build_app_image(DESC, MANIFEST_WITH_FLAWS)
 
 
 @pytest.fixture(scope="module")
@@ -395,13 +381,7 @@ def test_defaults_stay_clear_of_header_and_descriptor(plain: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def hsm(tmp_path_factory: pytest.TempPathFactory) -> tuple[SoftHsmToken, bytes]:
-    try:
-        find_softhsm_library()
-        find_softhsm_util()
-    except SoftHsmUnavailable as exc:
-        pytest.skip(str(exc))
-    token = SoftHsmToken(tmp_path_factory.mktemp("variants-hsm"), "rig-variants", user_pin=USER_PIN, so_pin=SO_PIN)
-    return token, token.setup()
+    return softhsm_token(tmp_path_factory.mktemp("variants-hsm"), "rig-variants")
 
 
 def test_lower_secure_version_resigned_in_the_hsm(
