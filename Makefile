@@ -10,8 +10,8 @@ STAMP       := $(VENV)/.rig-installed
 APT_STAMP   := $(VENV)/.rig-apt
 # Debian packages the rig drives: the broker, the HSM for signing keys, capture.
 # python3-venv so `python3 -m venv` works on a stock Debian python; gcc and mosquitto-dev
-# to build the broker's client-id plugin (rig/cloud/mosquitto_plugin/).
-APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv gcc libc6-dev mosquitto-dev
+# (+ libmosquitto-dev, libssl-dev) to build the broker's client-id plugin (rig/cloud/mosquitto_plugin/).
+APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 
 .PHONY: install test run lint clean
 

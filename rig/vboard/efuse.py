@@ -77,6 +77,7 @@ NO_KEY_BLOCK_PURPOSE = 12
 # Factory identity of the emulated part: an ESP32-C3 (QFN32) v0.4 with external flash
 # (the DevKitC-02 / WROOM-02 arrangement), as esptool reports a real one.
 FACTORY_WAFER_VERSION = (0, 4)
+FACTORY_BLK_VERSION = (1, 3)
 
 # KEY_PURPOSE_n values (espefuse efuse/esp32c3/fields.py EfuseKeyPurposeField; esp-idf
 # esp_efuse_purpose_t).
@@ -516,6 +517,10 @@ class EfuseController:
             "WAFER_VERSION_MAJOR": FACTORY_WAFER_VERSION[0],
             "WAFER_VERSION_MINOR_LO": FACTORY_WAFER_VERSION[1] & 0x7,
             "WAFER_VERSION_MINOR_HI": FACTORY_WAFER_VERSION[1] >> 3,
+            # A C3 v0.4 leaves the factory with eFuse block revision v1.3 (esp-idf issue #18222),
+            # which the bootloader prints as "efuse block revision: v1.3".
+            "BLK_VERSION_MAJOR": FACTORY_BLK_VERSION[0],
+            "BLK_VERSION_MINOR": FACTORY_BLK_VERSION[1],
         }
         for name, value in factory.items():
             f = _FIELD_BY_NAME[name]
