@@ -102,6 +102,94 @@ def run(
     raise typer.Exit(code)
 
 
+@app.command()
+def up(
+    boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE),
+    test_mode: Annotated[bool, typer.Option("--test-mode", help="cloud clock movable by suites (POST /test/clock/advance)")] = False,
+) -> None:
+    """Start the local cloud stack and every virtual board in the background."""
+    from rig import lab_services
+
+    lab = _load(boards_file)
+    try:
+        state, started = lab_services.start(lab, boards_file, test_mode=test_mode)
+    except lab_services.LabServicesError as exc:
+        err_console.print(f"rig up failed: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(("started" if started else "already running") + f" lab {state.lab} (supervisor pid {state.pid})")
+    _print_state(state)
+
+
+@app.command()
+def status(boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE)) -> None:
+    """Show what `rig up` started and whether each part answers; exit 3 when nothing runs."""
+    from rig import lab_services
+
+    lab = _load(boards_file)
+    state = lab_services.running_state(lab)
+    if state is None:
+        console.print(f"lab {lab.lab}: not running (start it with `rig up`)")
+        raise typer.Exit(3)
+    console.print(f"lab {state.lab}: running (supervisor pid {state.pid})")
+    _print_state(state)
+
+
+@app.command()
+def down(boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE)) -> None:
+    """Stop what `rig up` started."""
+    from rig import lab_services
+
+    lab = _load(boards_file)
+    try:
+        state = lab_services.stop(lab)
+    except lab_services.LabServicesError as exc:
+        err_console.print(str(exc), markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"lab {lab.lab}: " + ("stopped" if state else "was not running"))
+
+
+def _print_state(state: object) -> None:
+    from rig.lab_services import LabServicesState, port_open
+
+    assert isinstance(state, LabServicesState)
+    table = Table()
+    for col in ("part", "address", "answers"):
+        table.add_column(col)
+    if state.stack:
+        s = state.stack
+        for part, url in (("REST API", s.api_url), ("OTA host", s.ota_url), ("MQTT broker", f"mqtts://{s.mqtt_host}:{s.mqtt_port}")):
+            host, port = url.split("//", 1)[1].rsplit(":", 1)
+            table.add_row(part, url, "yes" if port_open(host, int(port)) else "[red]no[/]")
+        table.add_row("lab CA", s.ca_cert, "")
+    for name, url in state.boards.items():
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        table.add_row(f"board {name}", url, "yes" if port_open(host, int(port.split("?")[0])) else "[red]no[/]")
+    console.print(table)
+
+
+user_app = typer.Typer(no_args_is_help=True, help="Cloud users of the local stack.")
+app.add_typer(user_app, name="user")
+
+
+@user_app.command("add")
+def user_add(
+    email: str,
+    boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE),
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True, envvar="RIG_USER_PASSWORD")] = "",
+) -> None:
+    """Create a cloud user on the lab's local stack (password stored hashed)."""
+    from rig.cloud.stack import LocalStack
+    from rig.cloud.store import StoreError
+
+    lab = _load(boards_file)
+    try:
+        user_id = LocalStack(lab.state_dir / "cloud").add_user(email, password)
+    except StoreError as exc:
+        err_console.print(f"cannot add user {email}: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"user {email} added (user_id {user_id})")
+
+
 firmware_app = typer.Typer(no_args_is_help=True, help="Firmware sets and images.")
 app.add_typer(firmware_app, name="firmware")
 

@@ -118,12 +118,18 @@ class WifiNetwork(_Strict):
 
 
 class StackConfig(_Strict):
-    """Which cloud the boards talk to: the rig's local stand-in, or a real private deployment."""
+    """Which cloud the boards talk to: the rig's local stand-in, or a real private deployment.
+
+    For the local stack, the ports are where `rig up` listens (fixed, so boards can be told
+    them); the in-process stack of a test session picks free ports instead.
+    """
 
     kind: Literal["local", "remote"] = "local"
     api_url: str | None = None
     mqtt_host: str | None = None
     mqtt_port: Annotated[int, Field(ge=1, le=65535)] = 8883
+    api_port: Annotated[int, Field(ge=1, le=65535)] = 8443
+    ota_port: Annotated[int, Field(ge=1, le=65535)] = 8444
     ca_cert: Path | None = None
 
     @model_validator(mode="after")
@@ -138,6 +144,20 @@ class StackConfig(_Strict):
         elif self.api_url or self.mqtt_host:
             raise ValueError("api_url/mqtt_host only apply to kind: remote. Fix: remove them or set kind: remote")
         return self
+
+
+class HsmSecrets(_Strict):
+    """PINs of the lab's SoftHSM2 token (Secure Boot V2 signing keys). ``env:VAR`` or literal."""
+
+    pin: SecretStr
+    so_pin: SecretStr
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            data = {k: resolve_secret(v, f"HSM {k}") if isinstance(v, str) else v for k, v in data.items()}
+        return data
 
 
 class CaptureConfig(_Strict):
@@ -242,6 +262,7 @@ class Lab(_Strict):
 
     lab: Annotated[str, Field(min_length=1)]
     stack: StackConfig = StackConfig()
+    hsm: HsmSecrets | None = None
     wifi: tuple[WifiNetwork, ...] = ()
     capture: CaptureConfig = CaptureConfig()
     product: ProductConfig = ProductConfig()
@@ -343,6 +364,8 @@ class Lab(_Strict):
         for w in data.get("wifi", []):
             if w.get("passphrase"):
                 w["passphrase"] = REDACTED
+        if data.get("hsm"):
+            data["hsm"] = {k: REDACTED for k in data["hsm"]}
         return data
 
     def _where(self) -> str:
