@@ -9,4 +9,5 @@ pytest_plugins = [
     "fixtures.markers",
     "fixtures.farm",
     "fixtures.firmware",
+    "fixtures.cloud",
 ]

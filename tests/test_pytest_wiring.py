@@ -13,7 +13,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-CONFTEST = "pytest_plugins = ['fixtures.lab', 'fixtures.markers', 'fixtures.farm']\n"  # as the repo's conftest.py
+CONFTEST = "pytest_plugins = ['fixtures.lab', 'fixtures.markers', 'fixtures.farm', 'fixtures.cloud']\n"  # as conftest.py
 
 LAB = """\
 lab: scratch
@@ -161,3 +161,22 @@ def test_real_board_identity_is_checked_once_before_use(scratch: pytest.Pytester
     result.stdout.fnmatch_lines(["*INCONCLUSIVE: board 'bench' on /dev/rig-no-such-port:*Could not open*"])
     log = (scratch.path / "run" / "logs" / "bench.log").read_text()
     assert sum("INFO esptool" in line and "read-mac" in line for line in log.splitlines()) == 1
+
+
+def test_cloud_fixture_starts_the_local_stack_for_the_session(scratch: pytest.Pytester) -> None:
+    suite = """
+        def test_api(cloud):
+            with cloud.client() as c:
+                assert "v1" in c.get("/apiversions").json()["supported_versions"]
+            email, password = cloud.add_user()
+            with cloud.client() as c:
+                r = c.post("/v1/login2", json={"user_name": email, "password": password})
+                assert r.status_code == 200 and r.json()["accesstoken"]
+            before = cloud.advance_clock(0)
+            assert cloud.advance_clock(3600) >= before + 3600
+        def test_same_stack(cloud):
+            assert cloud.local and cloud.endpoints.test_mode
+        """
+    result = run(scratch, suite)
+    result.assert_outcomes(passed=2)
+    assert (scratch.path / "run" / "logs" / "cloud").is_dir()
