@@ -21,6 +21,7 @@ from rig.espressif_tools import EspressifToolError
 from rig.firmware.behaviour import BehaviourManifest
 from rig.lab import DEFAULT_BOARDS_FILE, Lab, LabConfigError, load_lab
 from rig.runs import RunDirectory
+from rig.vboard.cli import app as vboard_app  # the CLI is one of the few places that may import the emulator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUITES_DIR = REPO_ROOT / "suites"
@@ -166,6 +167,8 @@ def _print_state(state: object) -> None:
         table.add_row(f"board {name}", url, "yes" if port_open(host, int(port.split("?")[0])) else "[red]no[/]")
     console.print(table)
 
+
+app.add_typer(vboard_app, name="vboard", help="Virtual ESP32-C3 boards.")
 
 user_app = typer.Typer(no_args_is_help=True, help="Cloud users of the local stack.")
 app.add_typer(user_app, name="user")

@@ -124,7 +124,7 @@ def test_virtual_board_port_comes_from_its_published_url(scratch: pytest.Pyteste
 
 def test_board_without_port_fails_with_fix(scratch: pytest.Pytester) -> None:
     run(scratch, "def test_ports(board, port):\n    assert port is None\n", "--board=vb2").assert_outcomes(passed=1)
-    result = run(scratch, "def test_console(board, dut):\n    pass\n", "--board=vb2")
+    result = run(scratch, "def test_console(board, dut):\n    pass\n", "--board=vb2", "--no-start-boards")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*board 'vb2' has no serial port yet. Fix: start it with `rig vboard serve vb2` or `rig up`*"])
 
@@ -180,3 +180,16 @@ def test_cloud_fixture_starts_the_local_stack_for_the_session(scratch: pytest.Py
     result = run(scratch, suite)
     result.assert_outcomes(passed=2)
     assert (scratch.path / "run" / "logs" / "cloud").is_dir()
+
+
+def test_virtual_board_is_started_when_a_test_needs_its_port(scratch: pytest.Pytester) -> None:
+    suite = """
+        def test_mac(board):
+            assert board.port is None  # nothing started before it is needed
+            assert board.read_mac().startswith("60:55:f9:")
+            assert board.port.startswith("rfc2217://127.0.0.1:")
+        """
+    result = run(scratch, suite, "--board=vb1")
+    result.assert_outcomes(passed=1)
+    assert "rfc2217://" in (scratch.path / "run" / "logs" / "vb1.log").read_text()
+    assert not (scratch.path / ".rig" / "boards" / "vb1" / "port").exists()  # stopped at session end

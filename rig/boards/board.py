@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ class Board:
     firmware_dir: Path | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("rig.board"))
     baud: int = 460800
+    connect: Callable[[], str] | None = None
+    """Brings a not-yet-running board up and returns its port (the farm starts virtual boards lazily)."""
 
     @property
     def name(self) -> str:
@@ -65,6 +67,8 @@ class Board:
     # ------------------------------------------------------------------ tools
 
     def require_port(self) -> str:
+        if self.port is None and self.connect is not None:
+            self.port = self.connect()
         if self.port is None:
             hint = (
                 "start it with `rig vboard serve " + self.name + "` or `rig up`"

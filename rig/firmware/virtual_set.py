@@ -26,12 +26,12 @@ from rig.firmware.app_desc import AppDescriptor
 from rig.firmware.behaviour import BehaviourManifest
 from rig.firmware.build_dir import write_build_dir
 from rig.firmware.firmware_set import FirmwareSet
-from rig.firmware.image import Segment, build_app_image, build_image
+from rig.firmware.image import ImageHeader, Segment, build_app_image, build_image
 from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.secure_boot_v2 import sign_image_with_keyfile
 from rig.targets import ESP32C3
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: bootloader entry point in IRAM
 PROJECT_NAME = "rig_rmaker_node"
 IDF_VERSION = "v5.4.1"
 SET_MANIFEST = "firmware-set.json"
@@ -108,7 +108,7 @@ def virtual_bootloader_image(signing_key: Path) -> bytes:
     """
     iram = Segment(0x403CE000, bytes.fromhex("6f000000") * 64)  # RISC-V `j .`: a spin loop
     dram = Segment(0x3FCD5000, b"rig virtual bootloader\0\0")
-    image = build_image([dram, iram], header=None)
+    image = build_image([dram, iram], header=ImageHeader(entry_addr=iram.load_addr))
     return sign_image_with_keyfile(image, signing_key)
 
 
