@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from rig.espressif_tools import EspressifToolError, ToolRun, redact, run_tool
 from rig.firmware.errors import FirmwareFormatError
 from rig.firmware.layout import Field, Layout
 from rig.targets.esp32c3 import ESP32C3, ChipTarget
@@ -571,15 +572,7 @@ class HsmError(RuntimeError):
         super().__init__(f"{problem} — {fix}")
 
 
-_REDACTED = "<redacted>"
 _ESPSECURE_TIMEOUT_S = 120.0
-
-
-def _redact(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, _REDACTED)
-    return text
 
 
 def _espsecure_error(output: str) -> str:
@@ -599,29 +592,24 @@ def _run_espsecure(
     secrets: Sequence[str] = (),
     known_failures: Mapping[str, str] | None = None,
     timeout: float = _ESPSECURE_TIMEOUT_S,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m espsecure *args`` with this interpreter; a failure is a SigningError.
+) -> ToolRun:
+    """Run ``espsecure *args`` through :func:`rig.espressif_tools.run_tool`; a failure is a SigningError.
 
     *known_failures* maps a text espsecure prints to the fix for that failure; *secrets*
-    are replaced by ``<redacted>`` in everything the error carries."""
+    are redacted from everything the error carries."""
     env = {**os.environ, **(env_extra or {})}
-    cmd = [sys.executable, "-m", "espsecure", *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise SigningError(f"{what}: espsecure did not finish within {timeout:.0f} s",
-                           "check that the HSM / PKCS#11 library answers; " + fix) from None
-    output = _redact((proc.stderr or "") + "\n" + (proc.stdout or ""), secrets)
-    if proc.returncode != 0:
-        failures = {"No module named espsecure":
-                    "install esptool into this environment: `pip install 'esptool[hsm]'` (or `make install`)",
-                    **(known_failures or {})}
-        fix = next((f for text, f in failures.items() if text in output), fix)
+        run = run_tool("espsecure", args, timeout=timeout, check=False, secrets=secrets, env=env)
+    except EspressifToolError as exc:
+        raise SigningError(f"{what}: {exc}", "check that the HSM / PKCS#11 library answers; " + fix) from None
+    if run.returncode != 0:
+        output = run.stderr + "\n" + run.stdout
+        fix = next((f for text, f in (known_failures or {}).items() if text in output), fix)
         raise SigningError(
-            f"{what}: espsecure exited with {proc.returncode}: {_espsecure_error(_redact(proc.stderr or '', secrets) or output)}",
-            fix, returncode=proc.returncode, output=output,
+            f"{what}: espsecure exited with {run.returncode}: {_espsecure_error(run.stderr or output)}",
+            fix, returncode=run.returncode, output=output,
         )
-    return proc
+    return run
 
 
 def sign_image_with_keyfile(
@@ -716,7 +704,7 @@ def _pkcs11_request(config: HsmConfig, op: str, **fields: Any) -> dict[str, Any]
         reply = {}
     if proc.returncode != 0 or not reply.get("ok"):
         kind = reply.get("kind", "")
-        problem = _redact(reply.get("error") or (proc.stderr or "").strip()[-800:] or "no output", secrets)
+        problem = redact(reply.get("error") or (proc.stderr or "").strip()[-800:] or "no output", secrets)
         where = f"token {config.token_label!r}" if config.token_label else f"slot {config.slot}"
         fixes = {
             "PinIncorrect": "the user PIN is wrong for this token",

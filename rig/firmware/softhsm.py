@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rig.espressif_tools import redact
 from rig.firmware.secure_boot_v2 import (
     RSA_BITS,
     HsmConfig,
@@ -38,7 +39,6 @@ from rig.firmware.secure_boot_v2 import (
     HsmSigner,
     _pem_from_numbers,
     _pkcs11_request,
-    _redact,
     public_key_digest,
 )
 
@@ -278,7 +278,7 @@ class SoftHsmToken:
                     proc.kill()
                     raise SoftHsmError(
                         f"softhsm2-util --init-token did not finish within {_INIT_TIMEOUT_S:.0f} s; it printed: "
-                        f"{_redact(transcript.decode(errors='replace'), secrets).strip()[-500:]}"
+                        f"{redact(transcript.decode(errors='replace'), secrets).strip()[-500:]}"
                     )
                 ready, _, _ = select.select([master], [], [], remaining)
                 if not ready:
@@ -307,7 +307,7 @@ class SoftHsmToken:
                 proc.kill()
                 proc.wait()
         if rc != 0:
-            said = _redact(transcript.decode(errors="replace"), secrets).replace("\r", "").strip()
+            said = redact(transcript.decode(errors="replace"), secrets).replace("\r", "").strip()
             raise SoftHsmError(
                 f"softhsm2-util --init-token --label {self.label!r} failed (exit {rc}) in {self.token_dir}: "
                 f"{said[-500:]} — check that {self.conf_path} is readable and the token directory writable"
