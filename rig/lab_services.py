@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-from rig.boards.virtual_ports import port_file
+from rig.boards.virtual_ports import VirtualBoardStartError, launch_virtual_board, port_file, stop_virtual_board
 from rig.cloud.stack import HsmPins, LocalStack, StackEndpoints, StackPorts
 from rig.lab import Lab, LabConfigError, load_lab
 
@@ -34,7 +34,6 @@ STATE_FILE = "up.json"
 LOG_FILE = "up.log"
 READY = "READY"
 ERROR = "ERROR"
-BOARD_START_TIMEOUT_S = 30.0
 
 
 class LabServicesError(RuntimeError):
@@ -185,27 +184,16 @@ class _Supervisor:
         )
 
     def _start_board(self, name: str) -> str:
-        argv = [sys.executable, "-m", "rig.vboard.serve", name, "--state-dir", str(self.lab.state_dir)]
-        with open(self.lab.state_dir / f"vboard-{name}.log", "ab") as logf:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL)
+        try:
+            proc, url = launch_virtual_board(name, self.lab.state_dir, self.lab.state_dir / f"vboard-{name}.log")
+        except VirtualBoardStartError as exc:
+            raise LabServicesError(str(exc)) from None
         self.boards[name] = proc
-        assert proc.stdout is not None
-        line = _read_line(proc.stdout, BOARD_START_TIMEOUT_S).strip()
-        if not line.startswith("rfc2217://"):
-            raise LabServicesError(
-                f"virtual board '{name}' did not start (it printed {line!r}). "
-                f"Fix: read {self.lab.state_dir / f'vboard-{name}.log'}"
-            )
-        return line
+        return url
 
     def stop(self) -> None:
         for name, proc in reversed(list(self.boards.items())):
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_virtual_board(proc)
             port_file(self.lab.state_dir, name).unlink(missing_ok=True)
         if self.stack:
             self.stack.stop()

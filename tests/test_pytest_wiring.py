@@ -13,7 +13,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-CONFTEST = "pytest_plugins = ['fixtures.lab', 'fixtures.markers', 'fixtures.farm', 'fixtures.cloud']\n"  # as conftest.py
+CONFTEST = (Path(__file__).resolve().parents[1] / "conftest.py").read_text()  # the repo's own plugin list
 
 LAB = """\
 lab: scratch
