@@ -66,7 +66,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Literal, TypeVar, get_args
+from typing import Generic, Literal, Self, TypeVar, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -555,6 +555,34 @@ class _Listener:
         self._wake_w.close()
 
 
+class _Served:
+    """Lifecycle shared by the adversaries that serve through one :class:`_Listener`
+    (set as ``self._listener``): start/stop, a context manager, host and port."""
+
+    _listener: _Listener
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        return self._listener.host
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    def start(self) -> None:
+        self._listener.start()
+
+    def stop(self) -> None:
+        self._listener.stop()
+
+
 class _Recorder(Generic[T]):
     """A list of records that threads append to and tests wait on."""
 
@@ -620,7 +648,7 @@ class TlsAttempt:
     ended_at: float | None = None
 
 
-class TlsAdversary:
+class TlsAdversary(_Served):
     """A TLS listener presenting a bad (or large) certificate chain; see :data:`TLS_CASES`.
 
     *ca_cert_path* / *ca_key_path*: the lab CA that nodes trust (``LabPki``). The
@@ -678,21 +706,6 @@ class TlsAdversary:
     def __repr__(self) -> str:
         return f"TlsAdversary({self.kind}, {self.case.test_id})"
 
-    def __enter__(self) -> TlsAdversary:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        return self._listener.host
-
-    @property
-    def port(self) -> int:
-        return self._listener.port
-
     def start(self) -> None:
         """Make the chain (first start only) and listen."""
         if self._context is None:
@@ -700,9 +713,6 @@ class TlsAdversary:
             self._context = self._tls_context()
         self._listener.start()
         log.info("TLS adversary %s (%s) on %s:%d", self.kind, self.case.test_id, self.host, self.port)
-
-    def stop(self) -> None:
-        self._listener.stop()
 
     def attempts(self) -> list[TlsAttempt]:
         """Every finished connection attempt so far, oldest first."""
@@ -885,7 +895,7 @@ class _TlsRecords:
             yield kind
 
 
-class MqttFaultProxy:
+class MqttFaultProxy(_Served):
     """A TCP proxy from a node to the real broker that injects faults without
     terminating TLS; see :data:`FAULT_MODES` for what each *mode* stands for.
 
@@ -943,27 +953,9 @@ class MqttFaultProxy:
     def __repr__(self) -> str:
         return f"MqttFaultProxy({self.mode} → {self.upstream[0]}:{self.upstream[1]})"
 
-    def __enter__(self) -> MqttFaultProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        return self._listener.host
-
-    @property
-    def port(self) -> int:
-        return self._listener.port
-
     def start(self) -> None:
         self._listener.start()
         log.info("MQTT fault proxy (%s) on %s:%d → %s:%d", self.mode, self.host, self.port, *self.upstream)
-
-    def stop(self) -> None:
-        self._listener.stop()
 
     def connections(self) -> list[ProxyConnection]:
         """Every connection so far (open ones too), oldest first; copies."""
@@ -1154,7 +1146,7 @@ class TerminatedConnection:
     error: str | None = None
 
 
-class MqttTerminatingProxy:
+class MqttTerminatingProxy(_Served):
     """An MQTT-aware proxy that terminates the node's TLS and reconnects to the broker
     as the node, so it can withhold single packet types; see the module docstring for
     when that is sound and :data:`TERMINATING_CASES` for the Device Advisor cases.
@@ -1213,27 +1205,6 @@ class MqttTerminatingProxy:
 
     def __repr__(self) -> str:
         return f"MqttTerminatingProxy(withhold={sorted(self.withhold)} → {self.upstream[0]}:{self.upstream[1]})"
-
-    def __enter__(self) -> MqttTerminatingProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        return self._listener.host
-
-    @property
-    def port(self) -> int:
-        return self._listener.port
-
-    def start(self) -> None:
-        self._listener.start()
-
-    def stop(self) -> None:
-        self._listener.stop()
 
     def connections(self) -> list[TerminatedConnection]:
         return self._connections.snapshot()
