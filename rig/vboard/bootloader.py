@@ -562,11 +562,6 @@ def write_otadata_entry(flash: FlashStorage, otadata: PartitionEntry, index: int
     flash.write(otadata.offset + index * SECTOR_SIZE, entry.to_bytes())
 
 
-def _initial(entry: OtaSelectEntry) -> bool:
-    """Erased or CRC-broken: what ``ota_has_initial_contents`` looks for."""
-    return entry.ota_seq == 0xFFFFFFFF or not entry.crc_ok
-
-
 def select_otadata(entries: Sequence[OtaSelectEntry], usable: Sequence[bool]) -> int:
     """``bootloader_common_select_otadata(..., max=true)``: the usable entry with the higher seq (tie → 0)."""
     if usable[0] and usable[1]:
@@ -1080,7 +1075,7 @@ class _Bootloader:
         if self.config.anti_rollback:
             self.log(Msg.ANTI_ROLLBACK_ON)
             self.log(Msg.EFUSE_SECURE_VERSION, version=self.efuse.secure_version)
-            if _initial(entries[0]) and _initial(entries[1]):
+            if self.otadata.has_initial_contents:
                 self.log(Msg.OTADATA_INITIAL)
                 self.initial_contents = True
                 return boot_index
@@ -1095,7 +1090,7 @@ class _Bootloader:
                     self.log(Msg.DEFAULT_FACTORY)
                     return FACTORY_INDEX
                 self.log(Msg.NO_FACTORY)
-                self.initial_contents = _initial(entries[0]) and _initial(entries[1])
+                self.initial_contents = self.otadata.has_initial_contents
                 return 0
             active = select_otadata(entries, [e.is_valid for e in entries])
         if active != -1:
