@@ -11,6 +11,7 @@ APT_STAMP   := $(VENV)/.rig-apt
 # Debian packages the rig drives: the broker, the HSM for signing keys, capture.
 # python3-venv so `python3 -m venv` works on a stock Debian python; gcc and mosquitto-dev
 # (+ libmosquitto-dev, libssl-dev) to build the broker's client-id plugin (rig/cloud/mosquitto_plugin/).
+RMAKER_CLI  := esp-rainmaker-cli==1.14.1
 APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 
 .PHONY: install test run lint clean
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml | $(APT_STAMP)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Espressif's own provisioning client, to cross-check rig.protocomm and the virtual node
+	# (tests only). --no-deps: its CLI pulls opencv/aiortc/boto3, which rmaker_tools does not use.
+	$(BIN)/python -m pip install -q --no-deps '$(RMAKER_CLI)'
 	@touch $@
 
 lint: install
