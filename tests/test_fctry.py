@@ -22,6 +22,7 @@ from rig.cloud.fctry import (
     FCTRY_PARTITION_SIZE,
     NVS_ENTRY_LAYOUT,
     NVS_PAGE_HEADER_LAYOUT,
+    SERVER_CERT_KEY,
     NvsType,
     build_fctry,
     read_fctry,
@@ -226,3 +227,10 @@ def test_erased_entry_is_skipped_and_a_missing_key_is_named(fctry_image: bytes) 
     assert "random" not in read_nvs(bytes(erased))[FCTRY_NAMESPACE]
     with pytest.raises(FirmwareFormatError, match="lacks random"):
         read_fctry(bytes(erased))
+
+
+def test_server_cert_key_carries_the_lab_ca(tmp_path: Path, pki: LabPki) -> None:
+    image = build_fctry(tmp_path, "nodeWithCa01", "127.0.0.1:18883", pki.node_cert("nodeWithCa01"), RANDOM, server_cert=pki.ca_cert_path)
+    creds = read_fctry(image.data)
+    assert creds[SERVER_CERT_KEY] == pki.ca_cert_path.read_bytes()
+    assert creds["mqtt_host"] == b"127.0.0.1:18883"

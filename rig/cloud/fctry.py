@@ -19,6 +19,11 @@ calls). The firmware reads every key with ``nvs_get_blob`` from namespace
 ``rmaker_creds`` of partition ``fctry`` (esp-rainmaker-common ``src/factory.c``).
 ``random`` is 64 random bytes, written as hex and stored as binary (``hex2bin``).
 
+One key is the rig's own: ``server_cert``, the lab CA (PEM) the node trusts for the
+broker and the OTA host. Real RainMaker firmware compiles its server root CA in
+(``mqtt_server.crt``); a virtual node's images are shared by every lab, so its trust
+anchor comes with its identity instead. Real firmware ignores the extra key.
+
 Reading is the rig's own, from the NVS format (esp-idf
 ``docs/en/api-reference/storage/nvs_flash.rst``, ``components/nvs_flash/src/nvs_page.hpp``,
 ``nvs_types.hpp``; rainmaker-protocol.md §8.3), because the virtual board needs it to
@@ -62,6 +67,7 @@ __all__ = [
     "FCTRY_PARTITION_SIZE",
     "NVS_ENTRY_LAYOUT",
     "NVS_PAGE_HEADER_LAYOUT",
+    "SERVER_CERT_KEY",
     "FctryImage",
     "NvsItem",
     "NvsType",
@@ -78,6 +84,7 @@ FCTRY_NAMESPACE = "rmaker_creds"
 FCTRY_PARTITION_SIZE = 0x6000
 """claim.py ``gen_nvs_partition_bin``: ``size='0x6000'``; the fctry partition in §8.1 is 0x6000 too."""
 FCTRY_KEYS = ("node_id", "mqtt_host", "client_cert", "client_key", "random")
+SERVER_CERT_KEY = "server_cert"  # rig-specific: the lab CA a virtual node trusts (see module docstring)
 RANDOM_SIZE = 64
 """claim.py ``gen_hex_str(octets=64)``."""
 
@@ -192,12 +199,16 @@ def _crc(data: bytes) -> int:
 # -- writing ---------------------------------------------------------------------------
 
 
-def build_fctry(dest: Path, node_id: str, mqtt_host: str, creds: CertPair, random: bytes | None = None) -> FctryImage:
+def build_fctry(
+    dest: Path, node_id: str, mqtt_host: str, creds: CertPair, random: bytes | None = None, server_cert: Path | None = None
+) -> FctryImage:
     """Write ``dest/node_info.csv`` and its inputs as ``rmaker claim`` does, and generate ``dest/fctry.bin``.
 
     *creds* is the node's certificate and key from the lab PKI (its CN must be *node_id*);
     the CSV points at those files rather than copying the private key. *random* (64
-    bytes) defaults to ``os.urandom(64)``. The generator runs as a subprocess (``python -m
+    bytes) defaults to ``os.urandom(64)``. *server_cert* (the lab CA PEM) adds the
+    ``server_cert`` key. *mqtt_host* is ``host`` or ``host:port`` (a port other than
+    8883, as the local stack's test mode uses). The generator runs as a subprocess (``python -m
     esp_idf_nvs_partition_gen generate … 0x6000 --version 2``): its own failures exit the
     process, and its output stays out of the rig's.
     """
@@ -206,7 +217,10 @@ def build_fctry(dest: Path, node_id: str, mqtt_host: str, creds: CertPair, rando
     random = os.urandom(RANDOM_SIZE) if random is None else random
     if len(random) != RANDOM_SIZE:
         raise ValueError(f"random must be {RANDOM_SIZE} bytes (claim.py gen_hex_str), got {len(random)}")
-    for what, path in (("certificate", creds.cert_path), ("key", creds.key_path)):
+    files = [("certificate", creds.cert_path), ("key", creds.key_path)]
+    if server_cert is not None:
+        files.append(("server certificate", Path(server_cert)))
+    for what, path in files:
         if "," in str(path) or "\n" in str(path):
             raise ValueError(f"the node {what} path {path} cannot go into a CSV cell")
     dest = Path(dest).resolve()
@@ -225,6 +239,8 @@ def build_fctry(dest: Path, node_id: str, mqtt_host: str, creds: CertPair, rando
         f"client_key,file,binary,{creds.key_path.resolve()}",
         f"random,file,hex2bin,{dest / 'random.info'}",
     ]
+    if server_cert is not None:
+        rows.append(f"{SERVER_CERT_KEY},file,binary,{Path(server_cert).resolve()}")
     csv_path = dest / "node_info.csv"
     csv_path.write_text("\n".join(rows) + "\n")
     bin_path = dest / "fctry.bin"
