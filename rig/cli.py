@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rig.board_commands import board_app
 from rig.boards.virtual_ports import published_port
 from rig.espressif_tools import EspressifToolError
 from rig.firmware.behaviour import BehaviourManifest
@@ -169,6 +170,7 @@ def _print_state(state: object) -> None:
 
 
 app.add_typer(vboard_app, name="vboard", help="Virtual ESP32-C3 boards.")
+app.add_typer(board_app, name="board", help="Operations on one board of the lab (claim).")
 
 user_app = typer.Typer(no_args_is_help=True, help="Cloud users of the local stack.")
 app.add_typer(user_app, name="user")
