@@ -1,0 +1,6 @@
+"""The phone-app role: transports to a device's provisioning endpoints, and the flows built on them.
+
+:mod:`rig.prov.transport_http` is the SoftAP HTTP transport (what esp-rainmaker-cli and the phone
+apps use over the device's access point); the security sessions themselves are in
+:mod:`rig.protocomm.security`.
+"""
