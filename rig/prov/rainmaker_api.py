@@ -1,0 +1,115 @@
+"""The phone app's side of the RainMaker REST API: log in, map a node, read and set params.
+
+What the official clients send (rainmaker-protocol.md §3, esp-rainmaker-cli
+``rmaker_lib/session.py``, ``node.py``): ``Authorization: <access token>`` with no
+"Bearer"; the user id is the id token's ``custom:user_id`` claim; mapping is
+``PUT v1/user/nodes/mapping`` then polling ``GET …mapping?request_id=`` until the
+request is ``confirmed`` (or ``timedout``/``discarded``). Suites use this class as the
+user's phone would, against the local stack or a real private RainMaker deployment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from rig.evidence.redaction import SECRETS
+
+MAPPING_POLL_S = 1.0
+"""The CLI polls every 5 s; the rig polls faster to keep suites short (the cloud is local)."""
+FINAL_MAPPING_STATES = ("confirmed", "timedout", "discarded")
+
+
+class RainMakerApiError(RuntimeError):
+    """A REST call failed; the message names the call, the status and the cloud's description."""
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT (not verified: the client only reads its own token's claims)."""
+    try:
+        payload = token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError) as exc:
+        raise RainMakerApiError(f"the cloud returned a token that is not a JWT ({exc})") from exc
+
+
+@dataclass
+class MappingRequest:
+    request_id: str
+    secret_key: str
+
+
+class RainMakerUser:
+    """One logged-in user of the cloud, over an ``httpx.Client`` whose base URL is the API root."""
+
+    def __init__(self, http: httpx.Client, email: str, password: str):
+        self.http = http
+        self.email = email
+        SECRETS.add(password)
+        body = self._call("POST", "/v1/login2", json={"user_name": email, "password": password}, auth=False)
+        self.access_token: str = body["accesstoken"]
+        self.id_token: str = body["idtoken"]
+        SECRETS.add(self.access_token)
+        SECRETS.add(body.get("refreshtoken", ""))
+        self.user_id: str = jwt_claims(self.id_token)["custom:user_id"]
+
+    def _call(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> Any:
+        headers = {"Authorization": self.access_token} if auth else {}
+        try:
+            r = self.http.request(method, path, headers=headers, **kwargs)
+        except httpx.HTTPError as exc:
+            raise RainMakerApiError(f"{method} {path}: {exc}. Fix: is the cloud stack running (`rig status`)?") from exc
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"description": r.text[:200]}
+        if r.status_code >= 400:
+            description = body.get("description", body) if isinstance(body, dict) else body
+            raise RainMakerApiError(f"{method} {path} → HTTP {r.status_code}: {description}")
+        return body
+
+    # ------------------------------------------------------------------ mapping
+
+    def request_mapping(self, node_id: str, secret_key: str | None = None) -> MappingRequest:
+        """``PUT v1/user/nodes/mapping`` (operation add), as the app does after Wi-Fi provisioning."""
+        secret = secret_key or str(uuid.uuid4())
+        body = self._call("PUT", "/v1/user/nodes/mapping", json={"node_id": node_id, "secret_key": secret, "operation": "add"})
+        return MappingRequest(body["request_id"], secret)
+
+    def mapping_status(self, request_id: str) -> str:
+        return str(self._call("GET", "/v1/user/nodes/mapping", params={"request_id": request_id})["request_status"])
+
+    def wait_mapping(self, request_id: str, timeout: float = 60.0, *, clock: Callable[[], float] = time.monotonic) -> str:
+        """Poll the request until it is final; returns the final state (or the last seen one at *timeout*)."""
+        deadline = clock() + timeout
+        status = self.mapping_status(request_id)
+        while status not in FINAL_MAPPING_STATES and clock() < deadline:
+            time.sleep(MAPPING_POLL_S)  # polling the cloud, as the phone app does: there is no event to wait on
+            status = self.mapping_status(request_id)
+        return status
+
+    # ------------------------------------------------------------------ nodes
+
+    def nodes(self) -> list[str]:
+        return list(self._call("GET", "/v1/user/nodes").get("nodes", []))
+
+    def node_config(self, node_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/user/nodes/config", params={"node_id": node_id}))
+
+    def node_connected(self, node_id: str) -> bool:
+        status = self._call("GET", "/v1/user/nodes/status", params={"node_id": node_id})
+        return bool(status.get("connectivity", {}).get("connected"))
+
+    def params(self, node_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/user/nodes/params", params={"node_id": node_id}))
+
+    def set_params(self, node_id: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """The multi-node form the CLI and app send; returns the per-node results."""
+        return list(self._call("PUT", "/v1/user/nodes/params", json=[{"node_id": node_id, "payload": payload}]))
