@@ -14,6 +14,7 @@ print, and :meth:`Lab.redacted` is what evidence records of the configuration.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import types
@@ -29,10 +30,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from rig.boards.virtual_ports import RadioNetwork, check_virtual_address, default_board_address, radio_network
 from rig.targets import SUPPORTED as SUPPORTED_CHIPS
 
 DEFAULT_BOARDS_FILE = "boards.yaml"
@@ -187,6 +190,10 @@ class BoardSpec(_Strict):
     firmware: Path | None = None
     tags: tuple[str, ...] = ()
     efuse: EfuseConfig | None = None
+    address: str | None = None
+    """IPv4 address where the host reaches the board's network side: for a real board e.g.
+    its SoftAP's 192.168.4.1; for a virtual board the ``127.0.1.N`` it owns (default:
+    derived from the name, see :attr:`network_address`)."""
 
     @field_validator("name")
     @classmethod
@@ -235,6 +242,21 @@ class BoardSpec(_Strict):
             "Fix: use a device path (/dev/serial/by-id/... is stable across replugs) or rfc2217://HOST:PORT"
         )
 
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        try:
+            address = str(ipaddress.IPv4Address(v.strip()))
+        except ValueError:
+            raise ValueError(
+                f"'{v}' is not an IPv4 address. Fix: write it dotted, e.g. 192.168.4.1 (or 127.0.1.N for a virtual board)"
+            ) from None
+        if info.data.get("kind") == "virtual":
+            check_virtual_address(address)
+        return address
+
     @model_validator(mode="after")
     def _kind_rules(self) -> BoardSpec:
         if self.kind == "esp" and self.port is None:
@@ -248,6 +270,14 @@ class BoardSpec(_Strict):
                 "Fix: remove port, or set kind: esp for a real board"
             )
         return self
+
+    @property
+    def network_address(self) -> str | None:
+        """Where the host reaches the board: the declared address, or for a virtual board
+        the one derived from its name (the same rule ``rig.vboard.serve`` applies)."""
+        if self.address is not None or self.kind != "virtual":
+            return self.address
+        return default_board_address(self.name)
 
     @property
     def sacrificial(self) -> bool:
@@ -293,6 +323,21 @@ class Lab(_Strict):
                     ("boards", i, "port"),
                 )
             ports[b.port] = b.name
+        addresses: dict[str, int] = {}
+        for i, b in enumerate(self.boards):
+            if b.kind != "virtual":
+                continue
+            address = b.network_address
+            assert address is not None
+            if address in addresses:
+                first = self.boards[addresses[address]]
+                how = "" if b.address and first.address else " (derived from the name where not given)"
+                raise _LocatedError(
+                    f"virtual boards '{first.name}' and '{b.name}' would share address {address}{how}; "
+                    "each virtual board owns one loopback address. Fix: give one of them address: 127.0.1.N with a free N",
+                    ("boards", i, "address") if b.address else ("boards", i, "name"),
+                )
+            addresses[address] = i
         ssids = [w.ssid for w in self.wifi]
         dup = {s for s in ssids if ssids.count(s) > 1}
         if dup:
@@ -357,6 +402,10 @@ class Lab(_Strict):
         if board.kind == "virtual":
             return self.state_dir / "firmware" / "virtual"
         return None
+
+    def radio_networks(self) -> list[RadioNetwork]:
+        """The ``wifi:`` list as the virtual boards' air (``rig.boards.virtual_ports.write_radio_file``)."""
+        return [radio_network(w.ssid, w.passphrase.get_secret_value(), w.auth, w.channel) for w in self.wifi]
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as evidence may record it: every secret replaced by ``***``."""

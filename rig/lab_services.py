@@ -26,7 +26,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-from rig.boards.virtual_ports import VirtualBoardStartError, launch_virtual_board, port_file, stop_virtual_board
+from rig.boards.virtual_ports import (
+    VirtualBoardStartError,
+    address_file,
+    launch_virtual_board,
+    port_file,
+    stop_virtual_board,
+    write_radio_file,
+)
 from rig.cloud.stack import HsmPins, LocalStack, StackEndpoints, StackPorts
 from rig.lab import Lab, LabConfigError, load_lab
 
@@ -176,16 +183,19 @@ class _Supervisor:
             ports = StackPorts(mqtt=self.lab.stack.mqtt_port, api=self.lab.stack.api_port, ota=self.lab.stack.ota_port)
             self.stack = LocalStack(self.lab.state_dir / "cloud", test_mode=self.test_mode, ports=ports, pins=pins)
             endpoints = self.stack.start()
-        for board in self.lab.boards:
-            if board.kind == "virtual":
-                self.urls[board.name] = self._start_board(board.name)
+        virtual = [board for board in self.lab.boards if board.kind == "virtual"]
+        if virtual:
+            write_radio_file(self.lab.state_dir, self.lab.radio_networks())  # the boards' air: boards.yaml wifi:
+        for board in virtual:
+            self.urls[board.name] = self._start_board(board.name, board.address)
         return LabServicesState(
             os.getpid(), self.lab.lab, time.time(), endpoints, dict(self.urls), {n: p.pid for n, p in self.boards.items()}
         )
 
-    def _start_board(self, name: str) -> str:
+    def _start_board(self, name: str, address: str | None) -> str:
         try:
-            proc, url = launch_virtual_board(name, self.lab.state_dir, self.lab.state_dir / f"vboard-{name}.log")
+            log_path = self.lab.state_dir / f"vboard-{name}.log"
+            proc, url = launch_virtual_board(name, self.lab.state_dir, log_path, address=address)
         except VirtualBoardStartError as exc:
             raise LabServicesError(str(exc)) from None
         self.boards[name] = proc
@@ -195,6 +205,7 @@ class _Supervisor:
         for name, proc in reversed(list(self.boards.items())):
             stop_virtual_board(proc)
             port_file(self.lab.state_dir, name).unlink(missing_ok=True)
+            address_file(self.lab.state_dir, name).unlink(missing_ok=True)
         if self.stack:
             self.stack.stop()
 

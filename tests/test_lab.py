@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rig.boards.virtual_ports import default_board_address
 from rig.lab import Lab, LabConfigError, load_lab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,3 +169,41 @@ def test_unknown_board_selection(tmp_path: Path) -> None:
     lab = load_lab(REPO / "boards.yaml")
     with pytest.raises(LabConfigError, match=re.escape("no board named 'vb9'. Fix: use one of vb1, vb2")):
         lab.select(["vb9"])
+
+
+# --------------------------------------------------------------------------- board addresses and the virtual air
+
+VIRTUAL_PAIR = "lab: t\nwifi:\n  - ssid: air\n    passphrase: \"a-long-passphrase\"\nboards:\n"
+
+
+def test_virtual_board_address_is_declared_or_derived_and_wifi_is_the_air(tmp_path: Path) -> None:
+    lab = load_lab(write(tmp_path, VIRTUAL_PAIR + "  - name: vb1\n    kind: virtual\n  - name: vb2\n    kind: virtual\n"
+                                                  "    address: 127.0.1.40\n"))
+    assert lab.board("vb1").address is None and lab.board("vb1").network_address == default_board_address("vb1")
+    assert lab.board("vb2").network_address == "127.0.1.40"
+    (net,) = lab.radio_networks()
+    assert (net.ssid, net.passphrase, net.auth, net.channel) == ("air", "a-long-passphrase", "wpa2_psk", 6)
+    assert "a-long-passphrase" not in repr(net)
+
+
+def test_two_virtual_boards_cannot_share_an_address(tmp_path: Path) -> None:
+    (msg,) = problems(tmp_path, VIRTUAL_PAIR + "  - name: vb1\n    kind: virtual\n    address: 127.0.1.40\n"
+                                               "  - name: vb2\n    kind: virtual\n    address: 127.0.1.40\n")
+    assert msg.startswith(f"{tmp_path / 'boards.yaml'}:11: boards[1] (vb2).address:")
+    assert "'vb1' and 'vb2' would share address 127.0.1.40" in msg and "Fix: give one of them address: 127.0.1.N" in msg
+    derived = default_board_address("vb1")
+    (msg,) = problems(tmp_path, VIRTUAL_PAIR + f"  - name: vb1\n    kind: virtual\n  - name: vb2\n    kind: virtual\n"
+                                               f"    address: {derived}\n")
+    assert f"share address {derived} (derived from the name where not given)" in msg
+
+
+def test_board_address_rules(tmp_path: Path) -> None:
+    (msg,) = problems(tmp_path, "lab: t\nboards:\n  - name: vb1\n    kind: virtual\n    address: 192.168.4.1\n")
+    assert ":5: boards[0] (vb1).address:" in msg and "must be 127.0.1.N" in msg and "Fix:" in msg
+    (msg,) = problems(tmp_path, "lab: t\nboards:\n  - name: vb1\n    kind: virtual\n    address: 127.0.1.x\n")
+    assert ":5: boards[0] (vb1).address:" in msg and "is not an IPv4 address" in msg
+    real = load_lab(write(tmp_path, "lab: t\nboards:\n  - name: bench\n    kind: esp\n    port: /dev/ttyUSB0\n"
+                                    "    address: 192.168.4.1\n"))
+    assert real.board("bench").network_address == "192.168.4.1"
+    assert load_lab(write(tmp_path, "lab: t\nboards:\n  - name: b2\n    kind: esp\n    port: /dev/ttyUSB0\n")).board(
+        "b2").network_address is None

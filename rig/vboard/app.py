@@ -76,6 +76,7 @@ __all__ = [
     "OtaOpsError",
     "mark_app_invalid_and_reboot",
     "mark_app_valid",
+    "panic_report",
     "run_app",
     "running_app_ota_state",
     "split_argv",
@@ -418,15 +419,53 @@ class AppContext:
     console: BoardConsole
     commands: ConsoleCommands
     config: BootloaderConfig = DEFAULT_CONFIG
+    exit_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    """Set once the app is ending (restart, panic, or a reset from outside noticed by the
+    console task): the app's own tasks wait on it."""
     _restart: list[AppExit] = field(default_factory=list, repr=False)
     _restart_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _exit_hooks: list[Callable[[AppExit], None]] = field(default_factory=list, repr=False)
+    _cleanups: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def esp_restart(self, reason: str = "esp_restart()") -> AppExit:
         """Request a software reset (the first request wins) and return it."""
+        return self.request_exit(AppExit("sw_reset", reason))
+
+    def request_exit(self, ended: AppExit) -> AppExit:
+        """End the app with *ended* (a restart, a panic, a stop); the first request wins and is
+        returned. May be called from any thread: the exit hooks run here, on the caller's
+        thread, before this returns (so the chip goes quiet as a real reset makes it)."""
         with self._restart_lock:
-            if not self._restart:
-                self._restart.append(AppExit("sw_reset", reason))
-            return self._restart[0]
+            first = not self._restart
+            if first:
+                self._restart.append(ended)
+            winner = self._restart[0]
+            hooks = list(self._exit_hooks) if first else []
+        if first:
+            self.exit_event.set()
+            for hook in hooks:
+                hook(winner)
+        return winner
+
+    def add_exit_hook(self, hook: Callable[[AppExit], None]) -> None:
+        """Call *hook* once, when the app is asked to end (it must not block: it runs on
+        whichever thread asked, which may be one of the app's own)."""
+        with self._restart_lock:
+            pending = self._restart[0] if self._restart else None
+            if pending is None:
+                self._exit_hooks.append(hook)
+        if pending is not None:
+            hook(pending)
+
+    def add_cleanup(self, cleanup: Callable[[], None]) -> None:
+        """Call *cleanup* on the chip's thread after the app has ended, before the board
+        resets (join the app's threads, release what they held)."""
+        self._cleanups.append(cleanup)
+
+    def run_cleanups(self) -> None:
+        for cleanup in reversed(self._cleanups):
+            cleanup()
+        self._cleanups.clear()
 
     @property
     def restart_requested(self) -> AppExit | None:
@@ -497,6 +536,15 @@ def _panic(boot: BootOutcome, behaviour: BehaviourManifest, console: BoardConsol
     """The RISC-V panic handler's report for a fault in ``app_main``, then ``Rebooting...``."""
     wanted = behaviour.extra.get("panic_reason", DEFAULT_PANIC_REASON)
     reason = wanted if isinstance(wanted, str) and wanted in RISCV_PANIC_REASONS and wanted else DEFAULT_PANIC_REASON
+    return panic_report(boot, console, reason)
+
+
+def panic_report(boot: BootOutcome, console: BoardConsole, reason: str = DEFAULT_PANIC_REASON) -> AppExit:
+    """Print the RISC-V panic handler's report for a fault with *reason* (one of
+    :data:`RISCV_PANIC_REASONS`) and ``Rebooting...``; the :class:`AppExit` to end the app
+    with (``AppContext.request_exit``). Any task of the app may fault, not only ``app_main``."""
+    if reason not in RISCV_PANIC_REASONS or not reason:
+        raise ValueError(f"{reason!r} is not a RISC-V panic reason; use one of {', '.join(r for r in RISCV_PANIC_REASONS if r)}")
     mcause = RISCV_PANIC_REASONS.index(reason)
     entry = boot.header.entry_addr if boot.header is not None else 0x42000020
     sha = boot.app_desc.app_elf_sha256 if boot.app_desc is not None else hashlib.sha256(boot.image).digest()
@@ -607,10 +655,11 @@ def run_app(boot: BootOutcome, flash: FlashStorage, efuse: BootEfuses, console: 
 
     Prints the ESP-IDF startup lines, then per the behaviour manifest panics (``crash``)
     or starts the RainMaker console and calls *app_main* (the next layer's firmware,
-    e.g. the RainMaker node) before ``main_task: Returned from app_main()``; the console
-    then serves commands until ``reboot``, :meth:`AppContext.esp_restart` or
-    ``console.stopping``. Returns how it ended; the board resets accordingly
-    (:attr:`AppExit.rom_reset`).
+    e.g. the RainMaker node) on the main task while the console task serves commands
+    beside it; ``main_task: Returned from app_main()`` follows when *app_main* returns.
+    The console serves until ``reboot``, :meth:`AppContext.request_exit` (a restart or
+    a panic from any task) or ``console.stopping``; then the exit hooks and cleanups
+    run. Returns how it ended; the board resets accordingly (:attr:`AppExit.rom_reset`).
     """
     if boot.halted or boot.partition is None:
         raise ValueError(f"the bootloader started no app ({boot.reason}); run_app needs a booted outcome")
@@ -624,12 +673,41 @@ def run_app(boot: BootOutcome, flash: FlashStorage, efuse: BootEfuses, console: 
     ctx = AppContext(boot, flash, efuse, console, ConsoleCommands(console), config)
     _log(console, Msg.UART_INIT, port=0)  # the console task (priority above main) starts first
     _register_common_commands(ctx)
-    if app_main is not None:
+    if app_main is None:
+        _log(console, Msg.MAIN_RETURNED)
+        ended = _console_task(ctx)
+        ctx.request_exit(ended)
+        ctx.run_cleanups()
+        return ended
+    return _run_with_app_main(ctx, app_main)
+
+
+def _run_with_app_main(ctx: AppContext, app_main: AppMain) -> AppExit:
+    """``app_main`` on the main task while the console task serves commands beside it, as
+    on the chip: an ``app_main`` that blocks (RainMaker's ``app_network_start`` waits for
+    Wi-Fi) leaves the console usable (``wifi-prov`` is how it gets unblocked)."""
+    console_exit: list[AppExit] = []
+
+    def console_task() -> None:
+        ended = _console_task(ctx)
+        console_exit.append(ended)
+        ctx.request_exit(ended)
+
+    task = threading.Thread(target=console_task, name="console_task", daemon=True)
+    task.start()
+    try:
         ended = app_main(ctx)
         if ended is not None:
-            return ended
-    _log(console, Msg.MAIN_RETURNED)
-    return _console_task(ctx)
+            ctx.request_exit(ended)
+        elif ctx.restart_requested is None:
+            _log(ctx.console, Msg.MAIN_RETURNED)
+        task.join()
+    finally:
+        ctx.request_exit(AppExit("stopped", "app ended"))  # no-op unless app_main raised
+        ctx.run_cleanups()
+    winner = ctx.restart_requested
+    assert winner is not None
+    return winner
 
 
 # =========================================================================== OTA ops (esp_ota_ops.c)

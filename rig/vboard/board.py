@@ -40,13 +40,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rig.boards.virtual_ports import board_state_dir, port_file
+from rig.boards.virtual_ports import address_file, board_state_dir, check_virtual_address, default_board_address, port_file, radio_file
 from rig.vboard import slip
 from rig.vboard.app import AppMain, run_app
 from rig.vboard.bootloader import BootOutcome, run_bootloader
 from rig.vboard.console import LogLevel, format_log_line
 from rig.vboard.efuse import EfuseController
 from rig.vboard.flash import FlashStorage
+from rig.vboard.node import NodePlatform, RainMakerFirmware
 from rig.vboard.rfc2217_server import Rfc2217Server
 from rig.vboard.rom import DownloadMode, Leave, known_stubs
 
@@ -314,7 +315,8 @@ def reset_reason_for(code: int) -> ResetReason:
 
 class IdfFirmware:
     """The emulated ESP-IDF bootloader (:mod:`rig.vboard.bootloader`) and app
-    (:mod:`rig.vboard.app`); *app_main* is the next layer's firmware (e.g. a RainMaker node)."""
+    (:mod:`rig.vboard.app`); *app_main* is the next layer's firmware (the board's default is
+    the RainMaker node, :class:`rig.vboard.node.RainMakerFirmware`)."""
 
     def __init__(self, app_main: AppMain | None = None) -> None:
         self.app_main = app_main
@@ -352,11 +354,14 @@ class VirtualBoard:
 
     ``start()`` powers it on and opens its serial port; ``close()`` powers it off.
     It implements :class:`rig.vboard.rfc2217_server.SerialLine` for the server.
+    *address* is the ``127.0.1.N`` its firmware binds every socket to (default: derived
+    from the name); the firmware's Wi-Fi sees the lab's ``<state_dir>/radio.json``.
     """
 
-    def __init__(self, name: str, state_dir: Path, firmware: FirmwareRunner | None = None) -> None:
+    def __init__(self, name: str, state_dir: Path, firmware: FirmwareRunner | None = None, address: str | None = None) -> None:
         self.name = name
         self.state_dir = Path(state_dir)
+        self.address = check_virtual_address(address) if address is not None else default_board_address(name)
         root = board_state_dir(self.state_dir, name)
         self.paths = BoardPaths(root, root / "flash.bin", root / "efuse.bin", root / "lock")
         root.mkdir(parents=True, exist_ok=True)
@@ -371,7 +376,10 @@ class VirtualBoard:
         self.flash = FlashStorage(self.paths.flash)
         self.efuse = EfuseController.open(self.paths.efuse, self.mac)
         self.uart = VirtualUart()
-        self.firmware: FirmwareRunner = firmware if firmware is not None else IdfFirmware()
+        if firmware is None:
+            platform = NodePlatform(name, self.address, self.mac, radio_file(self.state_dir))
+            firmware = IdfFirmware(app_main=RainMakerFirmware(platform))
+        self.firmware: FirmwareRunner = firmware
         self._cond = threading.Condition()
         self._dtr = False
         self._rts = False
@@ -396,9 +404,10 @@ class VirtualBoard:
         return self.server.url
 
     def start(self, port: int = 0) -> VirtualBoard:
-        """Power on, listen on 127.0.0.1:*port* (0 = any free port), publish the URL."""
+        """Power on, listen on 127.0.0.1:*port* (0 = any free port), publish the URL and the address."""
         self._thread.start()
         self.server = Rfc2217Server(self, port).start()
+        address_file(self.state_dir, self.name).write_text(self.address + "\n", encoding="utf-8")
         port_file(self.state_dir, self.name).write_text(self.server.url + "\n", encoding="utf-8")
         log.info("virtual board %s on %s", self.name, self.server.url)
         return self
@@ -408,6 +417,7 @@ class VirtualBoard:
         pf = port_file(self.state_dir, self.name)
         if self.server is not None and pf.exists() and pf.read_text(encoding="utf-8").strip() == self.server.url:
             pf.unlink()
+            address_file(self.state_dir, self.name).unlink(missing_ok=True)
         if self.server is not None:
             self.server.close()
         with self._cond:

@@ -1,0 +1,185 @@
+"""The node firmware's tasks, timers and sockets, stopped together when the chip resets.
+
+A reset ends everything the firmware started: FreeRTOS tasks, ``esp_timer`` callbacks,
+lwIP sockets. The emulated node runs its tasks as Python threads, so :class:`NodeRuntime`
+keeps the list: :meth:`spawn` starts a task, :meth:`after` a one-shot timer, :meth:`track`
+registers a socket (or anything closable) to be closed. :meth:`halt` — called from the
+app's exit hook (``AppContext.add_exit_hook``), on whichever thread asked for the reset —
+sets :attr:`halted` and closes every tracked socket at once (a blocked ``recv`` or
+``accept`` returns), then :meth:`join` on the chip's thread waits for the tasks.
+
+After :meth:`halt` nothing reaches the UART: a reset silences the chip at once, and the
+next boot's ROM banner must not be interleaved with the last boot's log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from rig.vboard.bootloader import LogMessage
+from rig.vboard.console import BoardConsole
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 5.0
+"""How long :meth:`NodeRuntime.join` waits for all tasks together after a halt."""
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class NodeRuntime:
+    """The running firmware's tasks (threads), timers and sockets for one boot."""
+
+    def __init__(self, console: BoardConsole, board: str):
+        self.console = console
+        self.board = board
+        self.halted = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closables: list[Closable] = []
+
+    # ------------------------------------------------------------------ output
+
+    def log(self, line: LogMessage, **values: object) -> None:
+        """One ESP-IDF log line, unless the chip has been reset."""
+        if not self.halted.is_set():
+            self.console.log(line.level, line.tag, line.format(**values))
+
+    def write(self, text: str) -> None:
+        """``printf`` text, unless the chip has been reset."""
+        if not self.halted.is_set():
+            self.console.write(text)
+
+    # ------------------------------------------------------------------ tasks
+
+    def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread | None:
+        """Start task *name*; None when the chip is already halting. A task that raises is
+        reported on stderr and ends, as a crashed FreeRTOS task would not take the board down."""
+
+        def run() -> None:
+            try:
+                target()
+            except Exception:
+                log.exception("virtual board %s: node task %r failed", self.board, name)
+
+        thread = threading.Thread(target=run, name=f"{self.board}:{name}", daemon=True)
+        with self._lock:
+            if self.halted.is_set():
+                return None
+            self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def after(self, delay_s: float, name: str, callback: Callable[[], None]) -> threading.Thread | None:
+        """A one-shot ``esp_timer``: *callback* after *delay_s* unless the chip halts first."""
+
+        def timer() -> None:
+            if not self.halted.wait(delay_s):
+                callback()
+
+        return self.spawn(name, timer)
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait *seconds* (a task's ``vTaskDelay``); False when the chip halted meanwhile."""
+        return not self.halted.wait(seconds)
+
+    # ------------------------------------------------------------------ sockets
+
+    def track(self, item: Closable) -> Closable:
+        """Close *item* when the chip halts (now, if it already has)."""
+        with self._lock:
+            if not self.halted.is_set():
+                self._closables.append(item)
+                return item
+        _close(item)
+        return item
+
+    def untrack(self, item: Closable) -> None:
+        with self._lock:
+            if item in self._closables:
+                self._closables.remove(item)
+
+    def bound_socket(self, address: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A tracked IPv4 socket bound to the board's *address* (any port): every connection
+        the node opens leaves from its own address."""
+        sock = socket.socket(socket.AF_INET, kind)
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            sock.close()
+            raise
+        self.track(sock)
+        return sock
+
+    # ------------------------------------------------------------------ reset
+
+    def halt(self) -> None:
+        """The chip resets: stop output, wake every task, close every socket. Never blocks."""
+        with self._lock:
+            self.halted.set()
+            closables, self._closables = self._closables, []
+        for item in closables:
+            _close(item)
+
+    def join(self, timeout: float = JOIN_TIMEOUT_S) -> list[str]:
+        """Wait for the tasks after :meth:`halt`; the names of those still running (logged)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            log.error("virtual board %s: node task(s) %s ignored the reset", self.board, ", ".join(stuck))
+        return stuck
+
+
+def _close(item: Closable) -> None:
+    """Close a socket at reset: ``shutdown`` first, which wakes a task blocked on it; the peer
+    sees the connection end without an MQTT DISCONNECT (so the broker sends the Last Will)."""
+    try:
+        if isinstance(item, socket.socket):
+            try:
+                item.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected (a listener) or already gone
+        item.close()
+    except OSError as exc:
+        log.debug("closing %r at reset: %s", item, exc)
+
+
+class WorkQueue:
+    """RainMaker's work queue (esp-rainmaker-common ``rmaker_work_queue``): one task running
+    submitted jobs in order, so MQTT callbacks never block the MQTT task. Closing it (at
+    halt, through :meth:`NodeRuntime.track`) ends the task."""
+
+    def __init__(self, runtime: NodeRuntime, name: str = "work_queue"):
+        self.runtime = runtime
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        runtime.track(self)
+        runtime.spawn(name, self._run)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if not self.runtime.halted.is_set():
+            self._jobs.put(job)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self.runtime.halted.is_set():
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("virtual board %s: work queue job failed", self.runtime.board)
