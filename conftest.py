@@ -10,4 +10,5 @@ pytest_plugins = [
     "fixtures.farm",
     "fixtures.firmware",
     "fixtures.cloud",
+    "fixtures.node",
 ]

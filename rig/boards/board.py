@@ -51,6 +51,9 @@ class Board:
     baud: int = 460800
     connect: Callable[[], str] | None = None
     """Brings a not-yet-running board up and returns its port (the farm starts virtual boards lazily)."""
+    address: str | None = None
+    """Where the host reaches the board on the network for provisioning and local control: a real
+    board's SoftAP address (``address:`` in boards.yaml), a virtual board's own ``127.0.1.N``."""
 
     @property
     def name(self) -> str:

@@ -134,6 +134,10 @@ def stored_wifi(nvs: NvsStore) -> tuple[bytes, bytes] | None:
     return ssid, passphrase
 
 
+STATIC_POP = "abcd1234"
+"""The PoP of ESP-IDF's and RainMaker's example code, shipped unchanged by the ``static_pop`` flaw."""
+
+
 class RainMakerNode:
     """One boot of the RainMaker node firmware on a virtual board."""
 
@@ -174,6 +178,12 @@ class RainMakerNode:
 
     @property
     def pop(self) -> str | None:
+        """``POP_TYPE_RANDOM`` from fctry; the flaws ``static_pop`` (Espressif's example PoP on
+        every device) and ``pop_from_mac`` (``POP_TYPE_MAC``: MAC bytes 2..5) replace it."""
+        if "static_pop" in self.flaws:
+            return STATIC_POP
+        if "pop_from_mac" in self.flaws:
+            return self.platform.mac[2:6].hex()
         return None if self.identity is None else self.identity.pop
 
     @property

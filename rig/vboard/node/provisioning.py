@@ -37,6 +37,7 @@ from rig.vboard.node.messages import TAG_NETWORK, NodeMsg
 
 if TYPE_CHECKING:
     from rig.vboard.node.node import RainMakerNode
+    from rig.vboard.node.prov_transport import ProvisioningTransport
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class ProvisioningService:
         self._lock = threading.Lock()
         self._active = False
         self._mismatches = 0
+        self._transport: ProvisioningTransport | None = None
 
     @property
     def active(self) -> bool:
@@ -117,6 +119,7 @@ class ProvisioningService:
         with self._lock:
             self._active = True
             self._mismatches = 0
+        self.start_transport()  # the manager starts protocomm before it logs "started" and the app prints the QR
         runtime.log(NodeMsg.PROV_MGR_STARTED, name=self.service_name)
         runtime.log(NodeMsg.PROVISIONING_STARTED)
         payload = self.qr_payload()
@@ -127,7 +130,6 @@ class ProvisioningService:
         runtime.log(NodeMsg.APP_PROV_QR, payload=payload)
         runtime.log(NodeMsg.PROV_AUTO_STOP, minutes=AUTO_STOP_MINUTES)
         runtime.after(AUTO_STOP_MINUTES * 60, "app_wifi_prov_stop_tm", self._timed_out)
-        self.start_transport()
         return True
 
     def _timed_out(self) -> None:
@@ -152,13 +154,27 @@ class ProvisioningService:
 
     def start_transport(self) -> None:
         """Start the protocomm HTTP server on ``(node.address, HTTP_PORT)`` with the
-        provisioning endpoints; sockets through ``node.runtime.track`` so a reset closes them.
-        The protocomm/prov layer fills this in; until then provisioning runs over the
-        console only (``wifi-prov``)."""
-        log.debug("virtual board %s: no provisioning transport yet (console wifi-prov only)", self.node.platform.board)
+        provisioning endpoints (:mod:`rig.vboard.node.prov_transport`); the runtime tracks
+        it, so a reset closes it and drops every client."""
+        from rig.vboard.node.prov_transport import ProvisioningTransport
+
+        transport = ProvisioningTransport(self, HTTP_PORT)
+        try:
+            transport.start()
+        except OSError as exc:
+            log.error("virtual board %s: provisioning server on %s:%d: %s", self.node.platform.board, self.node.address, HTTP_PORT, exc)
+            return
+        with self._lock:
+            self._transport = transport
+        self.node.runtime.track(transport)
 
     def stop_transport(self) -> None:
         """Stop what :meth:`start_transport` started."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            self.node.runtime.untrack(transport)
+            transport.close()
 
     # ------------------------------------------------------------------ events the transport reports
 
