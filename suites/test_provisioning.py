@@ -39,10 +39,14 @@ def lab_ap(lab: Lab) -> WifiNetwork:
     return lab.wifi[0]
 
 
-def wrong_pop(pop: str) -> str:
-    """The PoP with its last hex digit changed: as close to right as a guess can be."""
-    last = "0" if pop[-1] != "0" else "1"
-    return pop[:-1] + last
+EXAMPLE_POPS = ("abcd1234",)
+"""PoPs from Espressif's example code, which shipped firmware must not accept (or print)."""
+
+
+def wrong_pops(pop: str) -> list[str]:
+    """Guesses an attacker tries first: the PoP one digit off, no PoP, the example PoPs."""
+    near = pop[:-1] + ("0" if pop[-1] != "0" else "1")
+    return [near, "", *(p for p in EXAMPLE_POPS if p != pop)]
 
 
 @pytest.mark.etsi("5.1-1", "5.1-3", "5.5-1", "5.5-4", "5.5-5", "5.5-6", "5.5-7", "5.8-1")
@@ -71,9 +75,13 @@ def test_wrong_pop_never_yields_a_session(fresh_node: FreshNode, dut: Any, lab: 
     if not qr.pop:
         pytest.fail("the node's QR payload has no PoP: anyone in radio range can provision it (5.1-1)")
     ap = lab_ap(lab)
-    guess = ProvisioningClient(SoftApHttpTransport(fresh_node.address()), pop=wrong_pop(qr.pop), username=qr.username or "")
-    with pytest.raises((SessionError, TransportError)):
-        guess.open_session()
+    for pop in wrong_pops(qr.pop):
+        guess = ProvisioningClient(SoftApHttpTransport(fresh_node.address()), pop=pop, username=qr.username or "")
+        try:
+            guess.open_session()
+        except (SessionError, TransportError):
+            continue
+        pytest.fail(f"a session was established with PoP {pop!r}, not the device's" if pop else "a session was established without a PoP")
     # without a session the device must not take configuration, not even in plaintext
     plaintext = WiFiConfigPayload(
         msg=WiFiConfigMsgType.TypeCmdSetConfig,
@@ -86,6 +94,16 @@ def test_wrong_pop_never_yields_a_session(fresh_node: FreshNode, dut: Any, lab: 
     good.open_session()
     status = good.wifi_status()
     assert status.sta_state != WifiStationState.Connected, "the node joined Wi-Fi although no one with the PoP configured it"
+
+
+@pytest.mark.etsi("5.1-1", "5.1-2")
+def test_pop_is_unique_and_not_derivable(fresh_node: FreshNode, dut: Any) -> None:
+    """The PoP is the device's own random secret: not an example value, not computed from its MAC."""
+    qr = read_qr(dut)
+    assert qr.pop, "the node's QR payload has no PoP"
+    assert qr.pop not in EXAMPLE_POPS, f"the PoP is Espressif's example value {qr.pop!r}: the same on every device (5.1-1)"
+    mac = fresh_node.claim.mac.replace(":", "")
+    assert qr.pop.lower() not in mac.lower(), "the PoP is the board's MAC address bytes (POP_TYPE_MAC): derivable (5.1-2)"
 
 
 @pytest.mark.etsi("5.1-3", "5.5-1", "5.5-4")
