@@ -102,6 +102,8 @@ class ProvisioningClient:
     username: str = DEFAULT_SEC2_USERNAME
     security: ClientSecurity | None = None
     version: ProtoVersion | None = None
+    node_id: str | None = None
+    """What the node answered to ``cloud_user_assoc``."""
     trace: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -154,8 +156,9 @@ class ProvisioningClient:
         if resp is None or resp.Status != RMakerConfigStatus.Success:
             status = "no response" if resp is None else RMakerConfigStatus(resp.Status).name
             raise ProvisioningError(f"cloud_user_assoc: the node answered {status}")
-        self.trace.append(f"cloud_user_assoc: node {resp.NodeId}")
-        return str(resp.NodeId)
+        self.node_id = str(resp.NodeId)
+        self.trace.append(f"cloud_user_assoc: node {self.node_id}")
+        return self.node_id
 
     def scan(self) -> list[WiFiScanResult]:
         """``prov-scan``: start a blocking scan, read the count, fetch results in chunks (esp_prov's order)."""
