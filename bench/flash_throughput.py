@@ -1,6 +1,6 @@
 """esptool write throughput to a virtual board, side by side with a real ESP32-C3's ceiling.
 
-Run: ``.venv/bin/python bench/flash_throughput.py [--size BYTES] [--baud 921600]``
+Run: ``.venv/bin/python bench/flash_throughput.py [--size BYTES] [--baud 921600] [--repeats 3] [--clients cli,local]``
 
 A real chip's ceiling is the UART: at *baud* with 8N1 framing (10 bits per byte) the
 wire carries ``baud / 10`` bytes per second — 92 160 B/s at 921 600 baud — and no
@@ -9,25 +9,34 @@ default with the stub) those wire bytes are deflated data, so the real ceiling f
 the file is ``baud / 10 * (file bytes / wire bytes)``; both ceilings are printed.
 
 The virtual board is started as the farm starts it (``python -m rig.vboard.serve``)
-and written two ways:
+and written by these clients:
 
-* ``cli``    — ``esptool --port rfc2217://… write-flash`` as a lab engineer types it;
+* ``cli``    — ``esptool --port rfc2217://… write-flash`` as a lab engineer types it.
+  pyserial's RFC 2217 client renegotiates every port setting (two acknowledged round
+  trips, each polled with a 50 ms sleep) whenever a port timeout is assigned, and
+  esptool assigns one around most commands;
 * ``pinned`` — the same ``esptool.main`` on a port whose timeout was set once to
-  esptool's command timeout. pyserial's RFC 2217 client renegotiates every port
-  setting (two acknowledged round trips, each polled with a 50 ms sleep) whenever a
-  port timeout is assigned, and the CLI path assigns one around each command; pinned,
-  commands with esptool's default timeout skip it (compressed blocks get computed
-  timeouts, so they still pay);
-* ``local`` — ``esptool.main`` on pyserial's RFC 2217 client subclassed so that a
-  timeout change stays local (timeouts are the client's business; nothing needs to
-  cross the network): what remains is esptool's and the emulator's own cost.
+  esptool's command timeout: commands with the default timeout skip the
+  renegotiation, compressed blocks get computed timeouts and still pay;
+* ``local``  — what the rig itself runs (``rig.espressif_tools.run_tool``):
+  ``python -m rig.boards.tool_runner esptool …``, the unmodified esptool on the rig's
+  RFC 2217 client whose timeout changes stay local (line settings are still
+  negotiated). What remains is esptool's and the emulator's own cost;
+* ``nohex``  — diagnostic only, not something the rig runs: ``local`` with esptool's
+  ``HexFormatter.__str__`` stubbed out. esptool 5.6 builds its trace messages with
+  f-strings (``loader.py`` ``ESPLoader.write`` and ``command``), so every 16 KB block
+  is rendered as a hex dump twice even when tracing is off; this row shows how much of
+  ``local``'s time that is.
 
-A last row feeds the same compressed write, as stub frames, straight into the
-emulator's protocol engine in this process: the emulator's own capacity.
+A last pair of rows (``engine``) feeds the same write, as the bytes arrive on the TCP
+socket (Telnet-escaped SLIP frames), through the emulator's RFC 2217 data filter, SLIP
+decoder and protocol engine in this process: the emulator's own capacity, without
+sockets and thread hand-offs.
 
 Throughput is esptool's own figure ("Wrote … in … seconds (… kbit/s)"): file bytes
 over the time from the first FLASH_BEGIN to the last block, excluding connect and
-verification.
+verification. Each row is measured ``--repeats`` times; the table shows the median and
+the spread (min–max of the ratio), because the host is shared and numbers are noisy.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import os
 import random
 import re
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -50,7 +60,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 UART_BITS_PER_BYTE = 10
 """8N1: start bit, 8 data bits, stop bit."""
 WRITE_OFFSET = 0x100000
-ENV = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"}
+ENV = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200", "PYTHONPATH": str(REPO_ROOT)}
+STUB_BLOCK = 0x4000
+"""esptool's stub FLASH_WRITE_SIZE: the block size of every write below."""
 
 PINNED_RUNNER = """
 import sys
@@ -65,49 +77,46 @@ finally:
     esp._port.close()
 """
 
-
-LOCAL_TIMEOUT_RUNNER = """
+NOHEX_RUNNER = """
 import sys
-import esptool
-from esptool.cmds import detect_chip
-from serial import rfc2217
-
-class LocalTimeoutSerial(rfc2217.Serial):
-    # renegotiate only when a setting the server needs changed, never for a timeout
-    _negotiated = None
-
-    def _reconfigure_port(self):
-        if self._write_timeout is not None:
-            raise NotImplementedError("write_timeout is currently not supported")  # as pyserial's
-        wanted = (self._baudrate, self._bytesize, self._parity, self._stopbits, self._rtscts, self._xonxoff)
-        if wanted != self._negotiated:
-            super()._reconfigure_port()
-            self._negotiated = wanted
-
-port = LocalTimeoutSerial()
-port.port = sys.argv[1]
-port.baudrate = 115200
-port.open()
-esp = detect_chip(port)
-try:
-    esptool.main(sys.argv[2:], esp=esp)
-finally:
-    port.close()
+import esptool.loader
+esptool.loader.HexFormatter.__str__ = lambda self: "<hex>"  # diagnostic: the trace dumps nobody sees
+from rig.boards import tool_runner
+sys.exit(tool_runner.main())
 """
 
-CLIENTS = ("cli", "pinned", "local")
-RUNNERS = {"pinned": PINNED_RUNNER, "local": LOCAL_TIMEOUT_RUNNER}
+CLIENTS = ("cli", "pinned", "local", "nohex")
+PAYLOADS = (("random", False), ("random", True), ("firmware", True))
 
 
 @dataclass(frozen=True)
-class Result:
-    client: str
-    payload: str
-    compress: bool
+class Sample:
+    """One write: file bytes, bytes on the wire (deflated with ``-z``), seconds, file bytes per second."""
+
     file_bytes: int
     wire_bytes: int
     seconds: float
     bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class Row:
+    client: str
+    payload: str
+    compress: bool
+    samples: tuple[Sample, ...]
+
+    @property
+    def file_bytes(self) -> int:
+        return self.samples[0].file_bytes
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.samples[0].wire_bytes
+
+    @property
+    def rates(self) -> list[float]:
+        return [s.bytes_per_s for s in self.samples]
 
 
 def payload(kind: str, size: int) -> bytes:
@@ -128,20 +137,27 @@ def start_board(state_dir: Path) -> tuple[subprocess.Popen[str], str]:
         stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
     )  # fmt: skip
     assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
+    url = proc.stdout.readline().strip()  # the board prints its URL once it listens
     if not url.startswith("rfc2217://"):
         proc.kill()
         raise SystemExit(f"the virtual board did not start (got {url!r})")
     return proc, url
 
 
+def command(client: str, url: str, args: list[str]) -> list[str]:
+    if client == "cli":
+        return [sys.executable, "-m", "esptool", "--port", url, *args]
+    if client == "local":
+        return [sys.executable, "-m", "rig.boards.tool_runner", "esptool", "--port", url, *args]
+    if client == "nohex":
+        return [sys.executable, "-c", NOHEX_RUNNER, "esptool", "--port", url, *args]
+    return [sys.executable, "-c", PINNED_RUNNER, url, *args]
+
+
 def write(url: str, client: str, path: Path, compress: bool, baud: int) -> str:
     args = ["--baud", str(baud), "write-flash", "--no-progress", "-z" if compress else "-u", hex(WRITE_OFFSET), str(path)]
-    if client == "cli":
-        cmd = [sys.executable, "-m", "esptool", "--port", url, *args]
-    else:
-        cmd = [sys.executable, "-c", RUNNERS[client], url, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO_ROOT, timeout=600, check=False)
+    proc = subprocess.run(command(client, url, args), capture_output=True, text=True, env=ENV, cwd=REPO_ROOT,
+                          timeout=600, check=False)  # fmt: skip
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise SystemExit(f"esptool failed ({client}, {path.name}):\n{text[-3000:]}")
@@ -153,80 +169,126 @@ WROTE_RE = re.compile(
 )
 
 
-def measure(url: str, client: str, kind: str, data: bytes, compress: bool, baud: int, work: Path) -> Result:
-    path = work / f"{kind}.bin"
-    path.write_bytes(data)
+def measure(url: str, client: str, path: Path, compress: bool, baud: int) -> Sample:
     m = WROTE_RE.search(write(url, client, path, compress, baud))
     if m is None:
         raise SystemExit("esptool printed no 'Wrote ... kbit/s' line")
     wire = int(m["wire"]) if m["wire"] else int(m["n"])
-    return Result(client, kind, compress, int(m["n"]), wire, float(m["s"]), float(m["kbit"]) * 1000 / 8)
+    rate = float(m["kbit"]) * 1000 / 8  # esptool's rate is exact; its seconds are rounded to 0.1
+    return Sample(int(m["n"]), wire, int(m["n"]) / rate, rate)
 
 
-def engine_alone(data: bytes, work: Path) -> Result:
-    """The emulator's protocol engine on its own: a stub session's compressed write as
-    esptool frames it (16 KB deflate blocks), timed from FLASH_DEFL_BEGIN to FLASH_DEFL_END."""
+def engine_alone(data: bytes, compress: bool, work: Path) -> Sample:
+    """The emulator's data path on its own, timed from FLASH_(DEFL_)BEGIN to the last block:
+    the write as esptool frames it (16 KB blocks, deflated with ``-z``), SLIP-encoded and
+    Telnet-escaped as it arrives on the socket, through the RFC 2217 server's data filter,
+    the SLIP decoder and the download-mode engine (replies SLIP-encoded, then dropped)."""
+    from serial import rfc2217
+
+    from rig.vboard import slip
     from rig.vboard.board import board_mac
     from rig.vboard.efuse import EfuseController
     from rig.vboard.flash import FlashStorage
+    from rig.vboard.rfc2217_server import _FastPortManager, _PortModel
     from rig.vboard.rom import HEADER, DownloadMode, Op, data_checksum, known_stubs
+
+    class NoLine:  # the port model's far end: line changes are not part of this measurement
+        def __getattr__(self, _name: str) -> object:
+            return lambda *_a: None
+
+    class NoSocket:
+        def write(self, _raw: bytes) -> None: ...
+
+    body = zlib.compress(data, 9) if compress else data
+    begin_op, data_op = (Op.FLASH_DEFL_BEGIN, Op.FLASH_DEFL_DATA) if compress else (Op.FLASH_BEGIN, Op.FLASH_DATA)
+    begin = struct.pack("<5I", len(data), -(-len(body) // STUB_BLOCK), STUB_BLOCK, WRITE_OFFSET, 0)
+    frames = [HEADER.pack(0, begin_op, len(begin), 0) + begin]
+    for seq, start in enumerate(range(0, len(body), STUB_BLOCK)):
+        chunk = body[start : start + STUB_BLOCK]
+        if not compress:
+            chunk = chunk.ljust(STUB_BLOCK, b"\xff")
+        sub = struct.pack("<4I", len(chunk), seq, 0, 0) + chunk
+        frames.append(HEADER.pack(0, data_op, len(sub), data_checksum(chunk)) + sub)
+    wire = [slip.encode(f).replace(rfc2217.IAC, rfc2217.IAC_DOUBLED) for f in frames]
 
     with FlashStorage(work / "engine-flash.bin") as flash:
         efuse = EfuseController.open(work / "engine-efuse.bin", board_mac("bench"))
-        loader = DownloadMode(flash, efuse, lambda _frame: None, lambda _baud: None, 115200)
+        loader = DownloadMode(flash, efuse, lambda payload: slip.encode(payload), lambda _baud: None, 115200)
         loader.stub = known_stubs()[0]  # as after the upload and OHAI
-        deflated = zlib.compress(data, 9)
-        block = 0x4000
-        begin = struct.pack("<5I", len(data), -(-len(deflated) // block), block, WRITE_OFFSET, 0)
-        frames = [HEADER.pack(0, Op.FLASH_DEFL_BEGIN, len(begin), 0) + begin]
-        for seq, start in enumerate(range(0, len(deflated), block)):
-            chunk = deflated[start : start + block]
-            body = struct.pack("<4I", len(chunk), seq, 0, 0) + chunk
-            frames.append(HEADER.pack(0, Op.FLASH_DEFL_DATA, len(body), data_checksum(chunk)) + body)
-        frames.append(HEADER.pack(0, Op.FLASH_DEFL_END, 4, 0) + struct.pack("<I", 1))
+        telnet = _FastPortManager(_PortModel(NoLine()), NoSocket())  # type: ignore[arg-type]
+        decoder = slip.SlipDecoder()
+        received: list[bytes] = []
         started = time.perf_counter()
-        for frame in frames:
-            loader.handle_frame(frame)
+        for raw in wire:
+            for at in range(0, len(raw), 65536):  # the server's recv size
+                telnet.feed(raw[at : at + 65536], received.append)
+                for chunk in received:
+                    for frame in decoder.feed(chunk):
+                        loader.handle_frame(frame)
+                received.clear()
+        end = HEADER.pack(0, Op.FLASH_DEFL_END if compress else Op.FLASH_END, 4, 0) + struct.pack("<I", 1)
+        loader.handle_frame(end)  # the stub reports the last block's deferred write here
         elapsed = time.perf_counter() - started
         if flash.read(WRITE_OFFSET, len(data)) != data:
             raise SystemExit("the engine wrote something other than the payload")
-    return Result("engine", "firmware", True, len(data), len(deflated), elapsed, len(data) / elapsed)
+    return Sample(len(data), len(body), elapsed, len(data) / elapsed)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024 * 1024, help="bytes per write (default 1 MiB)")
     parser.add_argument("--baud", type=int, default=921600, help="esptool --baud, and the real chip's UART rate")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per row (median and spread shown)")
+    parser.add_argument("--clients", default=",".join(CLIENTS), help=f"comma-separated subset of {','.join(CLIENTS)}")
     args = parser.parse_args(argv)
+    clients = [c for c in args.clients.split(",") if c]
+    unknown = set(clients) - set(CLIENTS)
+    if unknown:
+        parser.error(f"unknown client(s) {', '.join(sorted(unknown))}; choose from {', '.join(CLIENTS)}")
     raw_ceiling = args.baud / UART_BITS_PER_BYTE
 
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="vboard-bench-") as tmp:
         work = Path(tmp)
+        files = {}
+        for kind, _ in PAYLOADS:
+            files[kind] = work / f"{kind}.bin"
+            files[kind].write_bytes(payload(kind, args.size))
         proc, url = start_board(work / "state")
         try:
-            results = [
-                measure(url, client, kind, payload(kind, args.size), compress, args.baud, work)
-                for client in CLIENTS
-                for kind, compress in (("random", False), ("random", True), ("firmware", True))
-            ]
+            samples: dict[tuple[str, str, bool], list[Sample]] = {}
+            for _ in range(args.repeats):  # repeats outermost: a noisy minute spreads over every row
+                for client in clients:
+                    for kind, compress in PAYLOADS:
+                        samples.setdefault((client, kind, compress), []).append(
+                            measure(url, client, files[kind], compress, args.baud))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        results.append(engine_alone(payload("firmware", args.size), work))
+        rows += [Row(c, k, z, tuple(s)) for (c, k, z), s in samples.items()]
+        for kind, compress in (("random", False), ("firmware", True)):
+            engine = [engine_alone(payload(kind, args.size), compress, work) for _ in range(args.repeats)]
+            rows.append(Row("engine", kind, compress, tuple(engine)))
 
-    print(f"esptool write-flash to a virtual ESP32-C3 over RFC 2217, {args.size} bytes per write")
+    print(f"esptool write-flash to a virtual ESP32-C3 over RFC 2217, {args.size} bytes per write, "
+          f"median of {args.repeats}")  # fmt: skip
     print(f"real ESP32-C3 ceiling at {args.baud} baud (8N1): {raw_ceiling / 1000:.1f} kB/s on the wire\n")
     header = (f"{'client':<7} {'payload':<9} {'mode':<11} {'wire bytes':>10} {'seconds':>8} {'virtual kB/s':>13} "
-              f"{'real ceiling kB/s':>18} {'ratio':>7} {'ratio to raw':>13}")  # fmt: skip
+              f"{'real ceiling kB/s':>18} {'ratio':>8} {'spread':>15} {'ratio to raw':>13}")  # fmt: skip
     print(header)
     print("-" * len(header))
-    for r in results:
+    for r in rows:
         ceiling = raw_ceiling * r.file_bytes / r.wire_bytes  # what a real chip could reach for this file
+        rate = statistics.median(r.rates)
+        seconds = statistics.median(s.seconds for s in r.samples)
+        spread = f"{min(r.rates) / ceiling:.1f}–{max(r.rates) / ceiling:.1f}x"
         mode = "compressed" if r.compress else "plain"
-        print(f"{r.client:<7} {r.payload:<9} {mode:<11} {r.wire_bytes:>10} {r.seconds:>8.2f} {r.bytes_per_s / 1000:>13.1f} "
-              f"{ceiling / 1000:>18.1f} {r.bytes_per_s / ceiling:>6.1f}x {r.bytes_per_s / raw_ceiling:>12.1f}x")  # fmt: skip
+        print(f"{r.client:<7} {r.payload:<9} {mode:<11} {r.wire_bytes:>10} {seconds:>8.2f} {rate / 1000:>13.1f} "
+              f"{ceiling / 1000:>18.1f} {rate / ceiling:>7.1f}x {spread:>15} {rate / raw_ceiling:>12.1f}x")  # fmt: skip
     print("\nratio = virtual throughput / real chip's ceiling for the same bytes on the wire;"
           " ratio to raw = against 92 kB/s flat.")  # fmt: skip
+    print("local = what the rig runs; nohex = local without esptool's unused trace hex dumps (diagnostic);"
+          " engine = the emulator's data path in-process.")  # fmt: skip
     return 0
 
 

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rig.board_commands import board_app
+from rig.board_commands import board_app, provision
 from rig.boards.virtual_ports import published_port
 from rig.espressif_tools import EspressifToolError
 from rig.firmware.behaviour import BehaviourManifest
@@ -171,6 +171,7 @@ def _print_state(state: object) -> None:
 
 app.add_typer(vboard_app, name="vboard", help="Virtual ESP32-C3 boards.")
 app.add_typer(board_app, name="board", help="Operations on one board of the lab (claim).")
+app.command("provision")(provision)
 
 user_app = typer.Typer(no_args_is_help=True, help="Cloud users of the local stack.")
 app.add_typer(user_app, name="user")
@@ -204,16 +205,41 @@ def firmware_build_virtual(
     boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE),
     dest: Annotated[Path | None, typer.Option(help="output folder (default: the lab's virtual set)")] = None,
     key: Annotated[Path | None, typer.Option(help="Secure Boot V2 RSA-3072 key file (default: the lab's virtual key)")] = None,
+    hsm: Annotated[bool, typer.Option("--hsm", help="sign with the lab HSM's key (SoftHSM2, the cloud signer's default "
+                                                    "key; PINs from boards.yaml hsm: or the lab's state)")] = False,
 ) -> None:
-    """Write the virtual firmware set: base, next, next_secure, crash_on_boot, no_cloud (ESP-IDF build dirs)."""
+    """Write the virtual firmware set: base, next, next_secure, crash_on_boot, no_cloud (ESP-IDF build dirs).
+
+    Every image is signed by one key: a key file, or with --hsm the lab HSM's key, which
+    never leaves the token (espsecure sign-data --hsm). The set's root gets the key's
+    public half, whose digest is what a board's eFuse must hold to boot the set.
+    """
+    from rig.cloud.signer import CloudSigner
+    from rig.cloud.stack import HsmPins
     from rig.firmware.firmware_set import FirmwareSetError
-    from rig.firmware.virtual_set import VIRTUAL_SIGNING_KEY, build_virtual_set, ensure_signing_key
+    from rig.firmware.secure_boot_v2 import HsmError, SigningError
+    from rig.firmware.softhsm import SoftHsmError, SoftHsmUnavailable
+    from rig.firmware.virtual_set import PUBLIC_KEY_FILE, VIRTUAL_SIGNING_KEY, SetSigner, build_virtual_set, ensure_signing_key
 
     lab = _load(boards_file)
+    if hsm and key is not None:
+        err_console.print("--hsm and --key name two different signing keys. Fix: pass one of them", markup=False)
+        raise typer.Exit(2)
     out = dest or lab.state_dir / "firmware" / "virtual"
     try:
-        fs = build_virtual_set(out, ensure_signing_key(key or lab.state_dir / VIRTUAL_SIGNING_KEY))
-    except (FirmwareSetError, EspressifToolError, OSError) as exc:
+        if hsm:
+            # the token the local cloud stack signs OTA images with (LocalStack: <state>/cloud/hsm)
+            hsm_dir = lab.state_dir / "cloud" / "hsm"
+            pins = (HsmPins(lab.hsm.pin.get_secret_value(), lab.hsm.so_pin.get_secret_value()) if lab.hsm
+                    else HsmPins.for_lab(hsm_dir))  # fmt: skip
+            cloud = CloudSigner(hsm_dir, pins.pin, pins.so_pin)
+            label = cloud.default_key
+            signer = SetSigner(lambda data: cloud.sign(data, label), cloud.public_key_pem(label),
+                               f"lab HSM key {label!r} (SoftHSM2 token {cloud.token_label!r} in {hsm_dir})")
+        else:
+            signer = SetSigner.key_file(ensure_signing_key(key or lab.state_dir / VIRTUAL_SIGNING_KEY))
+        fs = build_virtual_set(out, signer)
+    except (FirmwareSetError, EspressifToolError, SigningError, HsmError, SoftHsmError, SoftHsmUnavailable, OSError) as exc:
         err_console.print(f"could not build the virtual firmware set: {exc}", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
     table = Table(title=f"virtual firmware set {fs.root}")
@@ -224,6 +250,10 @@ def firmware_build_virtual(
         behaviour = BehaviourManifest.from_image(fs.build(role).read_app_image())
         table.add_row(role, desc.version, str(desc.secure_version), behaviour.boot if behaviour else "-", str(fs.build(role).path))
     console.print(table)
+    console.print(f"signed by {signer.source}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"Secure Boot V2 key digest: {signer.key_digest.hex()}", markup=False, highlight=False)
+    console.print(f"a board trusts it after: espefuse burn-key-digest BLOCK_KEY0 {fs.root / PUBLIC_KEY_FILE} "
+                  "SECURE_BOOT_DIGEST0", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def main() -> None:

@@ -94,3 +94,40 @@ def test_firmware_build_virtual_writes_every_role(tmp_path: Path) -> None:
         assert role in res.stdout and version in res.stdout
         assert (tmp_path / "set" / role / "flasher_args.json").is_file()
     assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0  # the signing key is private to its owner
+
+
+def test_firmware_build_virtual_with_the_lab_hsm(tmp_path: Path) -> None:
+    from rig.cloud.signer import CloudSigner
+    from rig.firmware.secure_boot_v2 import verify_signed_image
+    from rig.firmware.softhsm import SoftHsmUnavailable, find_softhsm_library, find_softhsm_util
+    from rig.firmware.virtual_set import PROJECT_NAME, PUBLIC_KEY_FILE, set_key_digest
+
+    try:
+        find_softhsm_library(), find_softhsm_util()
+    except SoftHsmUnavailable as exc:
+        pytest.skip(str(exc))
+    pin, so_pin = "cli-user-pin-2718", "cli-so-pin-3141"
+    lab = tmp_path / "boards.yaml"
+    lab.write_text(f"lab: t\nhsm:\n  pin: {pin}\n  so_pin: {so_pin}\nboards:\n  - name: vb1\n    kind: virtual\n")
+    res = rig("firmware", "build-virtual", "--boards", str(lab), "--hsm")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert pin not in res.stdout + res.stderr and so_pin not in res.stdout + res.stderr
+    out = tmp_path / ".rig" / "firmware" / "virtual"
+    # the key is the one the lab's cloud stack signs OTA images with: its token, its default key
+    cloud = CloudSigner(tmp_path / ".rig" / "cloud" / "hsm", pin, so_pin)
+    digest = cloud.key_digests()[cloud.default_key]
+    assert set_key_digest(out) == digest
+    assert f"Secure Boot V2 key digest: {digest.hex()}" in res.stdout
+    assert f"espefuse burn-key-digest BLOCK_KEY0 {out / PUBLIC_KEY_FILE} SECURE_BOOT_DIGEST0" in res.stdout
+    assert "signed by lab HSM key 'sbv2-key-0'" in res.stdout
+    for role in ("base", "next_secure"):
+        build = out / role
+        assert verify_signed_image((build / f"{PROJECT_NAME}.bin").read_bytes(), [digest]).ok
+        assert verify_signed_image((build / "bootloader" / "bootloader.bin").read_bytes(), [digest]).ok
+    assert not (tmp_path / ".rig" / "keys").exists()  # no key file was made: the private key stays in the token
+
+
+def test_firmware_build_virtual_hsm_and_key_conflict(tmp_path: Path) -> None:
+    res = rig("firmware", "build-virtual", "--dest", str(tmp_path / "set"), "--key", str(tmp_path / "k.pem"), "--hsm")
+    assert res.returncode == 2 and "--hsm and --key name two different signing keys" in res.stderr
+    assert not (tmp_path / "set").exists() and not (tmp_path / "k.pem").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,21 @@ from rig.firmware.errors import FirmwareFormatError
 from rig.firmware.firmware_set import ROLES, FirmwareSet, FirmwareSetError, MissingRole
 from rig.firmware.image import build_app_image
 from rig.firmware.otadata import OtaDataPartition
-from rig.firmware.secure_boot_v2 import public_key_digest, verify_signed_image
-from rig.firmware.virtual_set import GENERATOR_VERSION, PROJECT_NAME, SET_MANIFEST, ensure_virtual_set
+from rig.firmware.secure_boot_v2 import SigningError, public_key_digest, verify_signed_image
+from rig.firmware.softhsm import SoftHsmToken
+from rig.firmware.virtual_set import (
+    GENERATOR_VERSION,
+    PROJECT_NAME,
+    PUBLIC_KEY_FILE,
+    SET_MANIFEST,
+    SetSigner,
+    build_virtual_set,
+    ensure_signing_key,
+    ensure_virtual_set,
+    set_key_digest,
+)
 from tests.esptool_cli import image_info
+from tests.signing_keys import USER_PIN, softhsm_token
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +131,90 @@ def test_behaviour_manifest_round_trip_and_errors() -> None:
     plain = build_app_image(AppDescriptor(version="1", project_name="real_idf_app"), b"\x00" * 64)
     assert plain[APP_DESC_OFFSET + APP_DESC_LAYOUT.size :][:8] != MANIFEST_MAGIC
     assert BehaviourManifest.from_image(plain) is None
+
+
+# ------------------------------------------------------------------ who signed the set
+
+
+def test_manifest_names_the_key_and_espsecure_agrees_on_its_digest(vset: tuple[FirmwareSet, Path], tmp_path: Path) -> None:
+    fs, key = vset
+    manifest = json.loads((fs.root / SET_MANIFEST).read_text())
+    assert manifest["secure_boot"] == {"key_digest": public_key_digest(key.read_bytes()).hex(),
+                                       "signed_by": f"key file {key}", "public_key": PUBLIC_KEY_FILE}
+    assert set_key_digest(fs.root) == public_key_digest(key.read_bytes())
+    out = tmp_path / "digest.bin"
+    run_tool("espsecure", ["digest-sbv2-public-key", "--keyfile", str(fs.root / PUBLIC_KEY_FILE), "--output", str(out)])
+    assert out.read_bytes() == set_key_digest(fs.root)  # what `espefuse burn-key-digest` would burn
+
+
+def test_a_signer_whose_public_key_is_not_its_own_is_refused(vset: tuple[FirmwareSet, Path], tmp_path: Path) -> None:
+    _, key = vset
+    other = SetSigner.key_file(ensure_signing_key(tmp_path / "other.pem"))
+    liar = SetSigner(SetSigner.key_file(key).sign, other.public_key_pem, "a mismatched signer")
+    with pytest.raises(SigningError, match=r"the bootloader image signed by a mismatched signer does not verify"):
+        build_virtual_set(tmp_path / "set", liar)
+    assert not (tmp_path / "set").exists()
+    with pytest.raises(SigningError, match=r"does not exist — generate one with `espsecure generate-signing-key"):
+        SetSigner.key_file(tmp_path / "missing.pem")
+
+
+@pytest.fixture(scope="module")
+def hsm_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[FirmwareSet, SoftHsmToken]:
+    root = tmp_path_factory.mktemp("hsm-set")
+    token, _ = softhsm_token(root / "hsm", "virtual-set")
+    return build_virtual_set(root / "virtual", SetSigner.hsm(token.signer())), token
+
+
+def test_hsm_signed_set_verifies_against_the_hsm_key(hsm_set: tuple[FirmwareSet, SoftHsmToken]) -> None:
+    fs, token = hsm_set
+    digest = token.key_digest()
+    assert set_key_digest(fs.root) == digest
+    assert json.loads((fs.root / SET_MANIFEST).read_text())["secure_boot"]["signed_by"].startswith("HSM HsmSigner(")
+    assert USER_PIN not in (fs.root / SET_MANIFEST).read_text()
+    for role in ROLES:
+        assert verify_signed_image(fs.build(role).read_app_image(), [digest]).ok
+        assert verify_signed_image(fs.build(role).bootloader_bin.read_bytes(), [digest]).ok
+    out = run_tool("espsecure", ["verify-signature", "--version", "2", "--keyfile", str(fs.root / PUBLIC_KEY_FILE),
+                                 str(fs.build("next").app_bin)]).output
+    assert "verification successful" in out.lower()
+
+
+def test_a_board_boots_the_hsm_set_only_with_the_hsm_keys_digest_burned(
+        hsm_set: tuple[FirmwareSet, SoftHsmToken], vset: tuple[FirmwareSet, Path], tmp_path: Path) -> None:
+    """The eFuse setup a lab derives from the set (its public key's digest) is the one its bootloader needs."""
+    from rig.vboard.bootloader import run_bootloader
+    from rig.vboard.console import format_log_line
+    from rig.vboard.efuse import EfuseController
+    from rig.vboard.flash import FlashStorage
+
+    class RecordingConsole:  # rig.vboard.console.BoardConsole; the bootloader only writes
+        stopping = threading.Event()
+        text = ""
+
+        def write(self, text: str) -> None:
+            self.text += text
+
+        def read_line(self, timeout: float) -> str | None:
+            return None
+
+        def uptime_ms(self) -> int:
+            return 0
+
+        def log(self, level: object, tag: str, text: str) -> None:
+            self.write(format_log_line(level, 0, tag, text))  # type: ignore[arg-type]
+
+    fs, _ = hsm_set
+    for name, digest, boots in (("hsm", set_key_digest(fs.root), True), ("file", set_key_digest(vset[0].root), False)):
+        with FlashStorage(tmp_path / name / "flash.bin") as flash:
+            efuse = EfuseController.open(tmp_path / name / "efuse.bin", bytes.fromhex("58cf79a1b2c3"))
+            for offset, path in fs.build("base").flash_files.items():
+                flash.write(offset, path.read_bytes())
+            efuse.burn_field("KEY_PURPOSE_0", "SECURE_BOOT_DIGEST0")
+            efuse.burn_field("BLOCK_KEY0", digest)
+            efuse.burn_field("SECURE_BOOT_EN", 1)
+            console = RecordingConsole()
+            outcome = run_bootloader(flash, efuse, console)
+        if boots:
+            assert outcome.partition_name == "ota_0" and outcome.secure_boot_verified, console.text
+        else:
+            assert outcome.halted and "Secure Boot V2 verification failed." in console.text

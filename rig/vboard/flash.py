@@ -52,7 +52,9 @@ class FlashStorage:
             if old.count(ERASED) == len(old):
                 self._map[offset : offset + len(data)] = data
             else:
-                self._map[offset : offset + len(data)] = bytes(a & b for a, b in zip(old, data, strict=True))
+                # AND of the whole run at once (as one big integer), not byte by byte
+                anded = int.from_bytes(old, "little") & int.from_bytes(data, "little")
+                self._map[offset : offset + len(data)] = anded.to_bytes(len(data), "little")
 
     def erase(self, offset: int, length: int) -> None:
         """Erase whole 4 KB sectors."""

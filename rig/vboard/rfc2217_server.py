@@ -134,23 +134,37 @@ class _FastPortManager(rfc2217.PortManager):
         yield data.replace(rfc2217.IAC, rfc2217.IAC_DOUBLED)
 
     def feed(self, data: bytes, deliver: Callable[[bytes], None]) -> None:
-        """Split *data* into payload runs (passed to *deliver* in order) and Telnet commands
-        (processed in place), so a DTR change sent after some bytes acts after them."""
+        """Split *data* into payload (passed to *deliver* in order) and Telnet commands
+        (processed in place), so a DTR change sent after some bytes acts after them.
+
+        Payload between two commands reaches *deliver* as one run, escaped 0xFF bytes
+        (``IAC IAC``) included: random flash data carries one 0xFF in 256 bytes, and a
+        delivery per run would wake the chip thread that often.
+        """
+        payload: list[bytes] = []
         i, n = 0, len(data)
         while i < n:
             if self.mode == rfc2217.M_NORMAL and self.suboption is None:
                 j = data.find(rfc2217.IAC, i)
                 if j < 0:
-                    deliver(data[i:])
-                    return
+                    payload.append(data[i:])
+                    break
                 if j > i:
-                    deliver(data[i:j])
+                    payload.append(data[i:j])
+                if data[j + 1 : j + 2] == rfc2217.IAC:
+                    payload.append(rfc2217.IAC)  # IAC IAC: a 0xFF data byte
+                    i = j + 2
+                    continue
                 i = j
-            # IAC sequences and subnegotiation bodies are short: the stock state machine.
-            out = b"".join(super().filter(data[i : i + 1]))
-            if out:
-                deliver(out)
+            # A command (or a split IAC IAC): what came before it acts first. IAC sequences
+            # and subnegotiation bodies are short: the stock state machine, byte by byte.
+            if payload:
+                deliver(b"".join(payload))
+                payload.clear()
+            payload.extend(super().filter(data[i : i + 1]))
             i += 1
+        if payload:
+            deliver(b"".join(payload))
 
 
 class _Session:

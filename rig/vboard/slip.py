@@ -28,6 +28,8 @@ ESC_ESC = 0xDD
 
 _END_B = bytes([END])
 _ESC_B = bytes([ESC])
+_ESCAPED = {ESC_END: END, ESC_ESC: ESC}
+"""Second byte of an escape → the payload byte it stands for."""
 
 DEFAULT_MAX_FRAME = 0x4000 + 16 + 8 + 64
 """Largest payload accepted: a stub FLASH_DATA block (``FLASH_WRITE_SIZE`` 0x4000,
@@ -86,30 +88,35 @@ class SlipDecoder:
                 self._buf.clear()
                 i = start + 1
             elif self._state == self._IN:
-                # Copy the run of plain bytes up to the next special byte in one go.
-                next_end = data.find(_END_B, i)
-                next_esc = data.find(_ESC_B, i)
-                specials = [p for p in (next_end, next_esc) if p >= 0]
-                j = min(specials) if specials else n
-                self._buf += data[i:j]
-                i = j
-                if len(self._buf) > self.max_frame:
-                    self.stats.oversized += 1
-                    self.reset()
+                # Copy plain runs in one go, up to the frame's END (found once); decode the
+                # escapes between them in place.
+                end = data.find(_END_B, i)
+                stop = n if end < 0 else end
+                while self._state == self._IN and i < n:
+                    esc = data.find(_ESC_B, i, stop)
+                    j = stop if esc < 0 else esc
+                    self._buf += data[i:j]
+                    i = j
+                    if len(self._buf) > self.max_frame:
+                        self.stats.oversized += 1
+                        self.reset()
+                    elif i != esc:
+                        break  # at the END, or at the end of this chunk
+                    elif i + 1 < n and data[i + 1] in _ESCAPED:
+                        self._buf.append(_ESCAPED[data[i + 1]])
+                        i += 2
+                    else:
+                        self._state = self._ESCAPING  # a bad escape, or its second byte comes in the next chunk
+                        i += 1
+                if self._state != self._IN or i >= n:
                     continue
-                if i >= n:
-                    break
-                byte = data[i]
-                i += 1
-                if byte == END:
-                    if self._buf:
-                        frames.append(bytes(self._buf))
-                        self.stats.frames += 1
-                        self._buf.clear()
-                        self._state = self._OUT
-                    # An empty frame: stay inside, the 0xC0 just seen opens the next one.
-                else:
-                    self._state = self._ESCAPING
+                i += 1  # the END
+                if self._buf:
+                    frames.append(bytes(self._buf))
+                    self.stats.frames += 1
+                    self._buf.clear()
+                    self._state = self._OUT
+                # An empty frame: stay inside, the 0xC0 just seen opens the next one.
             else:  # _ESCAPING
                 byte = data[i]
                 i += 1
