@@ -19,14 +19,10 @@ and written by these clients:
   esptool's command timeout: commands with the default timeout skip the
   renegotiation, compressed blocks get computed timeouts and still pay;
 * ``local``  — what the rig itself runs (``rig.espressif_tools.run_tool``):
-  ``python -m rig.boards.tool_runner esptool …``, the unmodified esptool on the rig's
-  RFC 2217 client whose timeout changes stay local (line settings are still
-  negotiated). What remains is esptool's and the emulator's own cost;
-* ``nohex``  — diagnostic only, not something the rig runs: ``local`` with esptool's
-  ``HexFormatter.__str__`` stubbed out. esptool 5.6 builds its trace messages with
-  f-strings (``loader.py`` ``ESPLoader.write`` and ``command``), so every 16 KB block
-  is rendered as a hex dump twice even when tracing is off; this row shows how much of
-  ``local``'s time that is.
+  ``python -m rig.boards.tool_runner esptool …``, esptool on the rig's RFC 2217 client
+  whose timeout changes stay local (line settings are still negotiated), and without
+  rendering the trace hex dumps esptool 5.6 builds and discards when ``--trace`` is off
+  (see :mod:`rig.boards.tool_runner`). What remains is esptool's and the emulator's own cost;
 
 A last pair of rows (``engine``) feeds the same write, as the bytes arrive on the TCP
 socket (Telnet-escaped SLIP frames), through the emulator's RFC 2217 data filter, SLIP
@@ -77,15 +73,7 @@ finally:
     esp._port.close()
 """
 
-NOHEX_RUNNER = """
-import sys
-import esptool.loader
-esptool.loader.HexFormatter.__str__ = lambda self: "<hex>"  # diagnostic: the trace dumps nobody sees
-from rig.boards import tool_runner
-sys.exit(tool_runner.main())
-"""
-
-CLIENTS = ("cli", "pinned", "local", "nohex")
+CLIENTS = ("cli", "pinned", "local")
 PAYLOADS = (("random", False), ("random", True), ("firmware", True))
 
 
@@ -149,8 +137,6 @@ def command(client: str, url: str, args: list[str]) -> list[str]:
         return [sys.executable, "-m", "esptool", "--port", url, *args]
     if client == "local":
         return [sys.executable, "-m", "rig.boards.tool_runner", "esptool", "--port", url, *args]
-    if client == "nohex":
-        return [sys.executable, "-c", NOHEX_RUNNER, "esptool", "--port", url, *args]
     return [sys.executable, "-c", PINNED_RUNNER, url, *args]
 
 
@@ -287,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ceiling / 1000:>18.1f} {rate / ceiling:>7.1f}x {spread:>15} {rate / raw_ceiling:>12.1f}x")  # fmt: skip
     print("\nratio = virtual throughput / real chip's ceiling for the same bytes on the wire;"
           " ratio to raw = against 92 kB/s flat.")  # fmt: skip
-    print("local = what the rig runs; nohex = local without esptool's unused trace hex dumps (diagnostic);"
+    print("local = what the rig runs;"
           " engine = the emulator's data path in-process.")  # fmt: skip
     return 0
 

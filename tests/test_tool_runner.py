@@ -22,7 +22,7 @@ from serial import rfc2217
 from rig.boards import serial_url_handlers
 from rig.boards.board import Board, BoardError
 from rig.boards.serial_url_handlers import protocol_rfc2217
-from rig.boards.tool_runner import PORT_TOOLS, console_entry
+from rig.boards.tool_runner import PORT_TOOLS, UNRENDERED_HEX, console_entry
 from rig.espressif_tools import TOOL_RUNNER, tool_argv
 from rig.lab import BoardSpec
 from rig.vboard.rfc2217_server import Rfc2217Server
@@ -169,3 +169,19 @@ def test_runner_exit_status_and_usage() -> None:
     version = subprocess.run([sys.executable, "-m", TOOL_RUNNER, "esptool", "version"], capture_output=True, text=True,
                              check=False)  # fmt: skip
     assert version.returncode == 0 and "esptool v5" in version.stdout
+
+
+def _hex_rendering(args: list[str]) -> str:
+    code = (
+        "import sys\n"
+        "from rig.boards.tool_runner import skip_unprinted_hex_dumps\n"
+        "from esptool.loader import HexFormatter\n"
+        "skip_unprinted_hex_dumps(sys.argv[1:])\n"
+        "print(str(HexFormatter(bytes(range(20)))))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def test_hex_dumps_are_rendered_only_when_esptool_traces() -> None:
+    assert _hex_rendering(["--port", "loop://", "read-mac"]).strip() == UNRENDERED_HEX
+    assert "0001020304050607 08090a0b0c0d0e0f" in _hex_rendering(["--trace", "--port", "loop://", "read-mac"])
