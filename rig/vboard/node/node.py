@@ -212,7 +212,7 @@ class RainMakerNode:
             self.save_wifi(config.ssid, config.passphrase)
         if self.provisioning is not None and self.provisioning.active:
             self.runtime.log(NodeMsg.PROVISIONING_SUCCESSFUL)
-            self.provisioning.stop_later()
+            self.provisioning.stop_after_connect()
 
     # ------------------------------------------------------------------ app_main
 

@@ -140,11 +140,16 @@ class ProvisioningEndpoints:
         raise ValueError(f"prov-config message type {int(req.msg)} is not a command")
 
     def _status(self) -> RespGetStatus:
+        """``get_status_handler``: once it reports Connected it calls ``wifi_prov_mgr_done()``,
+        which stops the service after the cleanup delay (esp-idf ``wifi_provisioning/src/handlers.c``):
+        the client that read Connected ends provisioning, not the join itself."""
         status = self.node.wifi.status()
         if status.state is StationState.CONNECTED and status.connected is not None:
             info = status.connected
             connected = WifiConnectedState(ip4_addr=info.ip4_addr, auth_mode=int(info.auth_mode), ssid=info.ssid,
                                            bssid=info.bssid, channel=info.channel)  # fmt: skip
+            if self.service.active:
+                self.service.stop_later()
             return RespGetStatus(status=Status.Success, sta_state=int(status.state), connected=connected)
         if status.fail_reason is not None:
             return RespGetStatus(status=Status.Success, sta_state=int(status.state), fail_reason=int(status.fail_reason))

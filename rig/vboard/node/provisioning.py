@@ -22,7 +22,8 @@ set_config, apply, status), :meth:`credentials_received` (``NETWORK_PROV_WIFI_CR
 logs and applies), ``node.start_user_mapping(user_id, secret_key)`` for
 ``cloud_user_assoc``, and :meth:`session_established` / :meth:`pop_mismatch` for the
 session events. When the station connects the node calls ``on_provisioned()``, which
-saves the credentials and stops this service after :data:`STOP_DELAY_S`.
+saves the credentials; this service then stops :data:`AUTOSTOP_AFTER_CONNECT_S` after the
+join, or :data:`STOP_DELAY_S` after a client read the Connected status (``wifi_prov_mgr_done``).
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ AUTO_STOP_MINUTES = 30
 MAX_POP_MISMATCH = 5
 """``CONFIG_APP_NETWORK_PROV_MAX_POP_MISMATCH``: wrong-PoP sessions before provisioning stops."""
 STOP_DELAY_S = 1.0
-"""After success the manager keeps the transport up briefly so the client can read the
-``Connected`` status before the SoftAP goes away."""
+"""``wifi_prov_mgr_done()``'s cleanup delay: once a client has read the Connected status
+(esp-idf v5.4 ``wifi_provisioning/src/handlers.c``) the manager stops 1 s later."""
+AUTOSTOP_AFTER_CONNECT_S = 30.0
+"""The manager's auto-stop after the station got its IP when no client reads the status
+(``manager.c`` "Starting 30s timer for stop_prov_timer_cb()",
+``CONFIG_NETWORK_PROV_AUTOSTOP_TIMEOUT``): a phone polling every 5 s still reads Connected."""
 HTTP_PORT = 80
 """``PROTOCOMM_HTTPD_DEFAULT_CONFIG`` port."""
 
@@ -147,8 +152,12 @@ class ProvisioningService:
         self.node.runtime.log(NodeMsg.PROV_MGR_STOPPED)
 
     def stop_later(self) -> None:
-        """Stop after :data:`STOP_DELAY_S` (the client reads the final status meanwhile)."""
+        """Stop after :data:`STOP_DELAY_S`: a client read Connected (``wifi_prov_mgr_done``)."""
         self.node.runtime.after(STOP_DELAY_S, "prov_stop", self.stop)
+
+    def stop_after_connect(self) -> None:
+        """The manager's auto-stop timer, armed when the station got its address."""
+        self.node.runtime.after(AUTOSTOP_AFTER_CONNECT_S, "wifi_prov_mgr_tm", self.stop)
 
     # ------------------------------------------------------------------ the transport (seam)
 
