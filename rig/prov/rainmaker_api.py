@@ -46,6 +46,20 @@ class MappingRequest:
     secret_key: str
 
 
+@dataclass(frozen=True)
+class SharingRequest:
+    """One entry of ``GET v1/user/nodes/sharing/requests`` (rainmaker-protocol.md §3.4)."""
+
+    request_id: str
+    status: str
+    """``pending`` | ``accepted`` | ``declined`` | ``cancelled`` | ``timedout``."""
+    node_ids: tuple[str, ...]
+    user_name: str
+    """The email of the user the nodes are offered to."""
+    primary_user_name: str
+    """The email of the primary user who offers them."""
+
+
 class RainMakerUser:
     """One logged-in user of the cloud, over an ``httpx.Client`` whose base URL is the API root."""
 
@@ -95,6 +109,18 @@ class RainMakerUser:
             status = self.mapping_status(request_id)
         return status
 
+    def wait_any_mapping(self, request_ids: list[str], timeout: float = 60.0, *,
+                         clock: Callable[[], float] = time.monotonic) -> dict[str, str]:  # fmt: skip
+        """Poll several requests of this user until one of them is final (or *timeout* passes);
+        returns every request's last seen state. A suite racing a wrong secret against the right
+        one learns at once which of them the cloud confirmed, instead of waiting out the window."""
+        deadline = clock() + timeout
+        states = {rid: self.mapping_status(rid) for rid in request_ids}
+        while not any(s in FINAL_MAPPING_STATES for s in states.values()) and clock() < deadline:
+            time.sleep(MAPPING_POLL_S)  # polling the cloud, as the phone app does: there is no event to wait on
+            states = {rid: self.mapping_status(rid) for rid in request_ids}
+        return states
+
     # ------------------------------------------------------------------ nodes
 
     def nodes(self) -> list[str]:
@@ -113,3 +139,50 @@ class RainMakerUser:
     def set_params(self, node_id: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
         """The multi-node form the CLI and app send; returns the per-node results."""
         return list(self._call("PUT", "/v1/user/nodes/params", json=[{"node_id": node_id, "payload": payload}]))
+
+    def wait_param(self, node_id: str, device: str, param: str, value: Any, timeout: float = 30.0, *,
+                   clock: Callable[[], float] = time.monotonic) -> Any:  # fmt: skip
+        """Poll the node's reported params until ``device.param`` equals *value*; returns the last
+        value seen (``None`` if never reported). The cloud learns a value only when the node
+        reports it on ``params/local``, so this is the cloud's view of what the node applied."""
+        deadline = clock() + timeout
+        seen = self.params(node_id).get(device, {}).get(param)
+        while seen != value and clock() < deadline:
+            time.sleep(MAPPING_POLL_S)  # the REST API has no push; the app polls too
+            seen = self.params(node_id).get(device, {}).get(param)
+        return seen
+
+    # ------------------------------------------------------------------ sharing (rainmaker-protocol.md §3.4)
+
+    def share_nodes(self, node_ids: list[str], user_name: str) -> str:
+        """``PUT v1/user/nodes/sharing`` ``{"nodes", "user_name"}`` (esp-rainmaker-cli ``rmaker_lib/node.py``):
+        offer the nodes to another user (by email) as secondary; nothing is shared until that user
+        accepts. Returns the sharing request id."""
+        body = self._call("PUT", "/v1/user/nodes/sharing", json={"nodes": list(node_ids), "user_name": user_name})
+        return str(body["request_id"])
+
+    def sharing_requests(self, *, sent: bool = False) -> list[SharingRequest]:
+        """``GET v1/user/nodes/sharing/requests?primary_user=`` — the requests this user received,
+        or with *sent* the ones it made."""
+        body = self._call("GET", "/v1/user/nodes/sharing/requests", params={"primary_user": "true" if sent else "false"})
+        return [
+            SharingRequest(
+                request_id=str(r["request_id"]),
+                status=str(r["request_status"]),
+                node_ids=tuple(r.get("node_ids", ())),
+                user_name=str(r.get("user_name", "")),
+                primary_user_name=str(r.get("primary_user_name", "")),
+            )
+            for r in body.get("sharing_requests", [])
+        ]
+
+    def answer_sharing_request(self, request_id: str, *, accept: bool) -> None:
+        """``PUT v1/user/nodes/sharing/requests`` ``{"accept", "request_id"}`` by the user the nodes were offered to."""
+        self._call("PUT", "/v1/user/nodes/sharing/requests", json={"accept": accept, "request_id": request_id})
+
+    def node_sharing(self, node_id: str) -> tuple[list[str], list[str]]:
+        """``GET v1/user/nodes/sharing?node_id=``: the node's (primary, secondary) users by email."""
+        body = self._call("GET", "/v1/user/nodes/sharing", params={"node_id": node_id})
+        entry = next((e for e in body.get("node_sharing", []) if e.get("node_id") == node_id), {"users": {}})
+        users = entry.get("users", {})
+        return list(users.get("primary", [])), list(users.get("secondary", []))
