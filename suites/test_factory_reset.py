@@ -1,0 +1,57 @@
+"""Factory reset: the user's data goes, the device's identity stays.
+
+EN 303 645 5.11-1 asks for a simple way to erase user data from the device. RainMaker's
+``reset-to-factory`` (console; the same ``esp_rmaker_factory_reset`` a button calls)
+erases the ``nvs`` partition — Wi-Fi credentials (ESP-IDF's ``nvs.net80211``), the user
+mapping (``user_mapping``), params — and keeps ``fctry``, the node's cloud identity. The
+suite checks that on the flash itself, read back through esptool over the console's own
+port (pytest-embedded's ``dump_flash``, :func:`fixtures.node.read_partition`) and parsed as NVS, then that the node is back in
+provisioning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fixtures.node import ProvisionedNode, read_partition, read_qr
+from rig.cloud.fctry import read_fctry, read_nvs
+from rig.firmware.errors import FirmwareFormatError
+
+WIFI_NAMESPACE = "nvs.net80211"
+"""ESP-IDF's Wi-Fi driver keeps the station SSID/password here (``sta.ssid``, ``sta.pswd``)."""
+MAPPING_NAMESPACE = "user_mapping"
+"""esp-rainmaker ``esp_rmaker_user_mapping.c`` keeps the mapped ``user_id`` here."""
+USER_DATA_NAMESPACES = (WIFI_NAMESPACE, MAPPING_NAMESPACE)
+BOOT_TIMEOUT_S = 60.0
+
+
+def nvs_namespaces(dut: Any) -> set[str]:
+    """The NVS namespaces that hold data in the board's ``nvs`` partition (read over the port)."""
+    image = read_partition(dut, "nvs")
+    if set(image) == {0xFF}:
+        return set()
+    try:
+        return set(read_nvs(image, what="nvs partition"))
+    except FirmwareFormatError as exc:
+        pytest.fail(f"INCONCLUSIVE: the nvs partition is not readable NVS ({exc}); encrypted NVS needs its keys", pytrace=False)
+
+
+@pytest.mark.etsi("5.11-1", "5.4-2")
+def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: ProvisionedNode, dut: Any) -> None:
+    before = nvs_namespaces(dut)
+    missing = [ns for ns in USER_DATA_NAMESPACES if ns not in before]
+    if missing:
+        pytest.fail(f"INCONCLUSIVE: a provisioned, mapped node should hold {missing} in NVS before the reset", pytrace=False)
+    dut.expect_exact("MQTT Connected", timeout=BOOT_TIMEOUT_S)  # the read reset the board; let it come back
+
+    dut.write("reset-to-factory\r")
+    dut.expect_exact("Resetting to Factory Defaults...", timeout=10)
+    qr = read_qr(dut, timeout=BOOT_TIMEOUT_S)  # back in provisioning after the reboot
+    assert qr.pop, "the node offers no PoP after the factory reset"
+
+    left = nvs_namespaces(dut) & set(USER_DATA_NAMESPACES)
+    assert not left, f"user data survived the factory reset: NVS still holds {sorted(left)} (5.11-1)"
+    identity = read_fctry(read_partition(dut, "fctry"))
+    assert identity["node_id"].decode() == provisioned_node.node_id, "the factory reset changed the node's fctry identity"
