@@ -11,13 +11,15 @@ provisioning.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
-from fixtures.node import ProvisionedNode, read_partition, read_qr
+from fixtures.node import ROM_BANNER, ProvisionedNode, read_partition
 from rig.cloud.fctry import read_fctry, read_nvs
 from rig.firmware.errors import FirmwareFormatError
+from rig.prov.console_qr import QR_LINE
 
 WIFI_NAMESPACE = "nvs.net80211"
 """ESP-IDF's Wi-Fi driver keeps the station SSID/password here (``sta.ssid``, ``sta.pswd``)."""
@@ -48,10 +50,11 @@ def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: Pro
 
     dut.write("reset-to-factory\r")
     dut.expect_exact("Resetting to Factory Defaults...", timeout=10)
-    qr = read_qr(dut, timeout=BOOT_TIMEOUT_S)  # back in provisioning after the reboot
-    assert qr.pop, "the node offers no PoP after the factory reset"
+    dut.expect_exact(ROM_BANNER, timeout=BOOT_TIMEOUT_S)
+    came_back = dut.expect([QR_LINE, re.compile(rb"Already provisioned")], timeout=BOOT_TIMEOUT_S)
 
     left = nvs_namespaces(dut) & set(USER_DATA_NAMESPACES)
     assert not left, f"user data survived the factory reset: NVS still holds {sorted(left)} (5.11-1)"
+    assert b"QRCODE" in came_back.group(0), "after the factory reset the node came back provisioned, not in provisioning"
     identity = read_fctry(read_partition(dut, "fctry"))
     assert identity["node_id"].decode() == provisioned_node.node_id, "the factory reset changed the node's fctry identity"
