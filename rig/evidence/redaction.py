@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from pathlib import Path
 
 REDACTED = "***"
 _PEM_PRIVATE_KEY = re.compile(
@@ -59,3 +60,28 @@ class RedactingFilter(logging.Filter):
         record.msg = self.registry.scrub(message)
         record.args = None
         return True
+
+
+TEXT_SUFFIXES = frozenset({".xml", ".json", ".txt", ".log", ".html", ".csv", ".yaml", ".yml", ""})
+"""What evidence writers produce as text: junit, allure results and attachments, logs."""
+
+
+def scrub_tree(root: Path, registry: SecretRegistry = SECRETS) -> list[Path]:
+    """Scrub every text file under *root* in place; returns the files that held a secret.
+
+    The last line of defence for a run folder: pytest's JUnit writer and allure-pytest save
+    captured console output (where a device prints its QR payload, or a flawed one its
+    Wi-Fi passphrase) without going through :class:`RedactingFilter`. Binary files (pcaps,
+    images) are left alone: a secret in a capture is a finding, not something to hide.
+    """
+    changed: list[Path] = []
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        clean = registry.scrub(text)
+        if clean != text:
+            path.write_text(clean, encoding="utf-8")
+            changed.append(path)
+    return changed
