@@ -135,6 +135,9 @@ class Device:
     params: list[Param]
     primary: str | None = None
     is_service: bool = False
+    accepts_writes: bool = True
+    """False for a service RainMaker creates without a write callback (Local Control): a write
+    request naming it finds its params but nothing applies them (``esp_rmaker_device_set_params``)."""
 
     def config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "type": self.type}
@@ -214,14 +217,21 @@ class NodeModel:
         if not isinstance(body, dict):
             raise MalformedParams("params payload is not a JSON object")
         writes: list[tuple[Device, Param, Any]] = []
-        for device in self.devices:
+        for device in list(self.devices):
             values = body.get(device.name)
-            if not isinstance(values, dict):
+            if not isinstance(values, dict) or not device.accepts_writes:
                 continue
             for param in device.params:
                 if param.name in values and param.accepts(values[param.name]):
                     writes.append((device, param, values[param.name]))
         return writes
+
+    def add_device(self, device: Device) -> None:
+        """``esp_rmaker_node_add_device``: a service added after init (Local Control), last in the node."""
+        with self._lock:
+            if self.device(device.name) is not None:
+                raise ValueError(f"the node already has a device or service named {device.name!r}")
+            self.devices.append(device)
 
     def set_value(self, param: Param, value: Any) -> bool:
         """Store *value*; whether it changed."""
@@ -269,3 +279,22 @@ def switch_node(fw_version: str, project_name: str) -> NodeModel:
     )
     info = NodeInfo(NODE_NAME, NODE_TYPE, fw_version, project_name, project_name)
     return NodeModel(info, [switch, ota, time_service, connectivity])
+
+
+LOCAL_CONTROL_SERVICE = "Local Control"
+"""``ESP_RMAKER_LOCAL_CTRL_DEVICE_NAME``; params ``ESP_RMAKER_DEF_LOCAL_CONTROL_POP`` / ``_TYPE``."""
+LOCAL_CONTROL_POP, LOCAL_CONTROL_TYPE, LOCAL_CONTROL_USERNAME = "POP", "Type", "Username"
+
+
+def local_control_service(pop: str, security: int, username: str | None = None) -> Device:
+    """``esp_rmaker_create_local_control_service`` (``esp_rmaker_standard_services.c``): read-only
+    ``POP`` and ``Type`` (the protocomm security scheme), and ``Username`` when security 2 needs one
+    (RainMaker's newer local control). No write callback. The username param's type string is the
+    rig's guess after the other two (``esp.param.local_control_*``)."""
+    params = [
+        Param(LOCAL_CONTROL_POP, "esp.param.local_control_pop", ValType.STRING, pop, properties=("read",)),
+        Param(LOCAL_CONTROL_TYPE, "esp.param.local_control_type", ValType.INTEGER, security, properties=("read",)),
+    ]
+    if username is not None:
+        params.append(Param(LOCAL_CONTROL_USERNAME, "esp.param.local_control_username", ValType.STRING, username, properties=("read",)))
+    return Device(LOCAL_CONTROL_SERVICE, "esp.service.local_control", params, is_service=True, accepts_writes=False)

@@ -6,12 +6,14 @@ Sources (shared/reference/idf-console.md §6, §8 and the files it cites):
 
 * esp-rainmaker ``components/esp_rainmaker/src/core/esp_rmaker_core.c``, ``esp_rmaker_node.c``,
   ``esp_rmaker_user_mapping.c``, ``esp_rmaker_param.c``, ``esp_rmaker_connectivity.c``,
-  ``src/console/esp_rmaker_commands.c``, ``src/ota/esp_rmaker_ota.c``;
+  ``src/console/esp_rmaker_commands.c``, ``src/ota/esp_rmaker_ota.c``, ``esp_rmaker_ota_using_topics.c``,
+  ``esp_rmaker_https_ota.c``;
 * esp-rainmaker ``examples/switch/main/app_main.c`` (tag ``app_main``) and
   ``examples/common/app_network/app_network.c`` / ``app_wifi_internal.c``;
 * esp-rainmaker-common ``src/factory.c``, ``src/esp-mqtt/esp-mqtt-glue.c``,
   ``components/rmaker_work_queue``, ``src/console/rmaker_common_cmds.c``;
 * idf-extra-components ``network_provisioning/src/manager.c``, ``qrcode/esp_qrcode_main.c``;
+* esp-idf ``components/esp_https_ota/src/esp_https_ota.c``, ``components/app_update/esp_ota_ops.c``;
 * esp-idf ``components/esp_netif/esp_netif_handlers.c``, ``components/esp-tls``,
   ``components/tcp_transport/transport_ssl.c``, ``components/mqtt`` (``mqtt_client.c``).
 
@@ -49,6 +51,10 @@ TAG_COMMON = "rmaker_common_cmds"
 TAG_PARAM = "esp_rmaker_param"
 TAG_CONNECTIVITY = "esp_rmaker_connectivity"
 TAG_OTA = "esp_rmaker_ota"
+TAG_OTA_TOPICS = "esp_rmaker_ota_using_topics"
+TAG_RMAKER_HTTPS_OTA = "esp_rmaker_https_ota"
+TAG_HTTPS_OTA = "esp_https_ota"
+TAG_OTA_OPS = "esp_ota_ops"
 TAG_RIG = "rig_vboard"
 """Lines only the virtual firmware prints (a manifest it refuses); never mistaken for ESP-IDF's."""
 
@@ -164,12 +170,61 @@ class NodeMsg:
     PARAMS_RECEIVED = LogMessage("I", TAG_PARAM, "Received params: {payload}")
     PARAMS_REPORTING = LogMessage("I", TAG_PARAM, "Reporting params: {payload}")
 
-    # esp_rmaker_ota_using_params.c, esp_rmaker_ota.c (first boot of an update: confirm after MQTT, or roll back)
-    OTA_ENABLED = LogMessage("I", "esp_rmaker_ota_using_params", "OTA enabled with Params")
+    # esp_rmaker_ota.c (first boot of an update: confirm after MQTT, or roll back; every status report)
     OTA_STATE = LogMessage("I", TAG_OTA, "OTA state = {state}")
     OTA_FIRST_BOOT = LogMessage("I", TAG_OTA, "First Boot after an OTA")
+    OTA_DIAGNOSTICS_OK = LogMessage("I", TAG_OTA, "Diagnostics completed successfully! Continuing execution ...")
     OTA_VERIFIED = LogMessage("I", TAG_OTA, "OTA Upgrade finished and verified successfully")
     OTA_ROLLBACK = LogMessage("E", TAG_OTA, "Could not verify firmware even after {seconds} seconds since boot-up. Rolling back.")
+    OTA_REPORTING = LogMessage("I", TAG_OTA, "Reporting {status}: {info}")
+    OTA_ATTEMPT = LogMessage("W", TAG_OTA, "Starting {protocol} OTA attempt {attempt}/{attempts}. This may take time.")
+    OTA_ATTEMPT_FAILED = LogMessage("E", TAG_OTA, "{protocol} OTA attempt {attempt} failed: {reason}")
+    OTA_PROJECT_MISMATCH = LogMessage("W", TAG_OTA, "OTA Image built for Project: {new}. Expected: {running}")
+    OTA_SAME_VERSION = LogMessage("W", TAG_OTA, "Current running version is same as the new. We will not continue the update.")
+    OTA_LOWER_SECURE_VERSION = LogMessage(
+        "W", TAG_OTA, "New secure version is lower than stored in efuse. We will not continue the update.")
+    OTA_UPGRADE_DONE = LogMessage("I", TAG_OTA, "{protocol} OTA upgrade successful. Rebooting in {seconds} seconds...")
+
+    # esp_rmaker_ota_using_topics.c (otaurl, otafetch, otastatus)
+    OTA_ENABLED = LogMessage("I", TAG_OTA_TOPICS, "OTA enabled with Topics")
+    OTA_SUBSCRIBING = LogMessage("I", TAG_OTA_TOPICS, "Subscribing to: {topic}")
+    OTA_FETCHING = LogMessage("I", TAG_OTA_TOPICS, "Fetching OTA details, if any.")
+    OTA_FETCH_OFFLINE = LogMessage("W", TAG_OTA_TOPICS, "MQTT not connected. Cannot fetch OTA.")
+    OTA_FETCH_RETRY = LogMessage("I", TAG_OTA_TOPICS, "OTA fetch failed, retry {retry} in {seconds} seconds")
+    OTA_URL_RECEIVED = LogMessage("I", TAG_OTA_TOPICS, "Upgrade Handler got:{payload} on {topic} topic\n")
+    OTA_BUSY = LogMessage("E", TAG_OTA_TOPICS, "OTA already in progress. Please try later.")
+    OTA_BAD_JSON = LogMessage("E", TAG_OTA_TOPICS, "Invalid JSON received: {payload}")
+    OTA_NO_JOB_ID = LogMessage("E", TAG_OTA_TOPICS, "Aborted. OTA Job ID not found in JSON")
+    OTA_NO_URL = LogMessage("E", TAG_OTA_TOPICS, "Aborted. URL not found in JSON")
+    OTA_JOB_ID = LogMessage("I", TAG_OTA_TOPICS, "OTA Job ID: {job_id}")
+    OTA_URL = LogMessage("I", TAG_OTA_TOPICS, "URL: {url}")
+    OTA_FILE_MD5 = LogMessage("I", TAG_OTA_TOPICS, "File MD5: {md5}")
+    OTA_FILE_SIZE = LogMessage("I", TAG_OTA_TOPICS, "File Size: {size}")
+    OTA_FW_VERSION = LogMessage("I", TAG_OTA_TOPICS, "Firmware version: {version}")
+    OTA_STATUS_PAYLOAD = LogMessage("I", TAG_OTA_TOPICS, "{payload}")
+    OTA_NO_JOB_TO_REPORT = LogMessage("W", TAG_OTA_TOPICS, "Not reporting any status, since there is no Job ID available")
+
+    # esp_rmaker_https_ota.c, then esp-idf esp_https_ota.c and esp_ota_ops.c below it
+    OTA_HTTPS_STARTING = LogMessage("W", TAG_RMAKER_HTTPS_OTA, "Starting OTA. This may take time.")
+    OTA_BYTES_READ = LogMessage("I", TAG_RMAKER_HTTPS_OTA, "Image bytes read: {count}")
+    HTTPS_OTA_NO_VERIFICATION = LogMessage(
+        "E", TAG_HTTPS_OTA, "No option for server verification is enabled in esp_http_client config.")
+    HTTPS_OTA_INSECURE = LogMessage(
+        "W", TAG_HTTPS_OTA, "Continuing with insecure option because CONFIG_ESP_HTTPS_OTA_ALLOW_HTTP is set.")
+    HTTPS_OTA_CONNECT_FAILED = LogMessage("E", TAG_HTTPS_OTA, "Failed to establish HTTP connection")
+    HTTPS_OTA_STARTING = LogMessage("I", TAG_HTTPS_OTA, "Starting OTA...")
+    HTTPS_OTA_NO_PASSIVE = LogMessage("E", TAG_HTTPS_OTA, "Passive OTA partition not found")
+    HTTPS_OTA_WRITING = LogMessage("I", TAG_HTTPS_OTA, "Writing to partition subtype {subtype} at offset 0x{offset:x}")
+    HTTPS_OTA_SHORT_HEADER = LogMessage("E", TAG_HTTPS_OTA, "Complete headers were not received")
+    HTTPS_OTA_BAD_DESC = LogMessage("E", TAG_HTTPS_OTA, "Incorrect app descriptor magic")
+    HTTPS_OTA_CHIP_ID = LogMessage("E", TAG_HTTPS_OTA, "Mismatch chip id, expected {expected}, found {found}")
+    HTTPS_OTA_CLOSED_EARLY = LogMessage("E", TAG_HTTPS_OTA, "Connection closed before complete data was received!")
+    OTA_OPS_PENDING = LogMessage("E", TAG_OTA_OPS, "Running app has not confirmed state (ESP_OTA_IMG_PENDING_VERIFY)")
+    OTA_OPS_BAD_MAGIC = LogMessage("E", TAG_OTA_OPS, "OTA image has invalid magic byte (expected 0xE9, saw 0x{byte:02x})")
+    OTA_OPS_VERIFY_FAILED = LogMessage("E", TAG_OTA_OPS, "New image failed verification")
+    OTA_OPS_LOWER_SECURE_VERSION = LogMessage(
+        "E", TAG_OTA_OPS, "This a new partition can not be booted due to a secure version is lower than stored in efuse. "
+        "Partition will be erased.")
 
     # console: esp_rmaker_commands.c and rmaker_common_cmds.c (printf replies)
     REGISTERING = LogMessage("I", TAG_COMMANDS, "Registering command: {name}")

@@ -20,6 +20,10 @@ Writes from the cloud (``params/remote``) go through the device's write callback
 payload that is not a JSON object is dropped (``json_parse_start`` fails) — or, with the
 ``panics_on_bad_params`` flaw, panics the chip.
 
+OTA: on the first connection :mod:`.ota_client` subscribes ``node/<id>/otaurl`` and sends
+``otafetch``; an ``otaurl`` is installed into the passive slot on the work queue; a new image
+is confirmed once MQTT connects, or rolled back, by :mod:`.boot_confirm`.
+
 Everything the node starts is on :attr:`RainMakerNode.runtime`, so a reset stops it.
 """
 
@@ -58,8 +62,11 @@ from rig.vboard.node.identity import (
     find_partition,
     read_identity,
 )
+from rig.vboard.node.local_ctrl import LocalControl, start_local_control
 from rig.vboard.node.messages import NodeMsg
 from rig.vboard.node.nvs_store import PARAM_VAL_LAYOUT, NvsStore
+from rig.vboard.node.ota_client import OTA_FETCH_DELAY_S, OtaClient, OtaSettings, ota_reboot_delay
+from rig.vboard.node.ota_status import OtaReporter
 from rig.vboard.node.provisioning import ProvisioningService
 from rig.vboard.node.runtime import NodeRuntime, WorkQueue
 from rig.vboard.node.user_mapping import MappingState, UserMapping
@@ -162,6 +169,7 @@ class RainMakerNode:
         self.link: CloudLink | None = None
         self.work: WorkQueue | None = None
         self.confirmation: BootConfirmation | None = None
+        self.ota: OtaClient | None = None
         self.network_up = threading.Event()
         self._lock = threading.Lock()
         self._failed_config: object = None
@@ -169,6 +177,7 @@ class RainMakerNode:
         self._first_connection_done = False
         self._params_ready = False
         self._changed: set[tuple[str, str]] = set()
+        self.local_ctrl: LocalControl | None = None
 
     # ------------------------------------------------------------------ what provisioning uses
 
@@ -288,7 +297,16 @@ class RainMakerNode:
         self.link = CloudLink(self.runtime, identity, settings, on_connected=self._mqtt_connected,
                               on_disconnected=self._mqtt_disconnected, on_message=self._mqtt_message,
                               on_published=self._mqtt_published)  # fmt: skip
-        self.confirmation = BootConfirmation(self.ctx, self.runtime, self.nvs, self.behaviour.rollback_wait_s, self._publish)
+        reporter = OtaReporter(self.runtime, self.nvs, self._publish)
+        self.confirmation = BootConfirmation(self.ctx, self.runtime, reporter, self.behaviour.rollback_wait_s,
+                                             confirm_at_boot="confirms_before_cloud" in self.flaws,
+                                             on_verified=lambda: self.ota.fetch_later(OTA_FETCH_DELAY_S) if self.ota else None)  # fmt: skip
+        ota = OtaSettings(identity.node_id, desc.version if desc else "", self.address, identity.server_cert, self.flaws,
+                          ota_reboot_delay(self.behaviour.extra))  # fmt: skip
+        link = self.link
+        self.ota = OtaClient(self.ctx, self.runtime, self.work, reporter, ota, publish=self._publish, subscribe=link.subscribe,
+                             connected=lambda: link.connected, reboot=self.reboot, busy=lambda: self.confirmation is not None
+                             and self.confirmation.awaiting)  # fmt: skip
         return True
 
     def _start(self) -> None:
@@ -386,6 +404,7 @@ class RainMakerNode:
             if self._cloud_started or self.link is None:
                 return
             self._cloud_started = True
+        self.local_ctrl = start_local_control(self)  # esp_rmaker_task: local control once on Wi-Fi, before MQTT
         self.link.start()
         self.runtime.log(NodeMsg.WAITING_MQTT)
 
@@ -405,6 +424,8 @@ class RainMakerNode:
         self.runtime.after(CONNECTIVITY_REPORT_DELAY_S, "connectivity_timer", self._report_connected)
         if self.confirmation is not None:
             self.confirmation.mqtt_connected()
+        if self.ota is not None:
+            self.ota.mqtt_connected()
         if self._first_connection_done:
             self.mapping.config_reported()
             return
@@ -418,6 +439,11 @@ class RainMakerNode:
         if not self.mapping.pending:
             self.mapping.reset()  # nobody started a mapping: tell the cloud the node has no user
         self.runtime.log(NodeMsg.WAITING_MAPPING)
+
+    def config_json(self) -> str:
+        """``esp_rmaker_get_node_config``: what the node reports on ``config`` (and local control reads)."""
+        assert self.model is not None and self.identity is not None
+        return self.model.config_json(self.identity.node_id, self._secure_boot_digest())
 
     def _secure_boot_digest(self) -> dict[str, str | None]:
         """``info.secure_boot_digest``: the virtual images are built with
@@ -458,11 +484,13 @@ class RainMakerNode:
         assert self.work is not None and self.identity is not None
         if topic == f"node/{self.identity.node_id}/params/remote":
             self.work.submit(lambda: self.handle_set_params(payload, SOURCE_CLOUD))
+        elif self.ota is not None and topic == self.ota.topic:
+            self.ota.handle_otaurl(payload)
 
     # ------------------------------------------------------------------ params
 
-    def handle_set_params(self, payload: bytes, source: str) -> None:
-        """``esp_rmaker_handle_set_params``."""
+    def handle_set_params(self, payload: bytes, source: str) -> bool:
+        """``esp_rmaker_handle_set_params``; False (``ESP_FAIL``) when the payload is not a JSON object."""
         assert self.model is not None
         self.runtime.log(NodeMsg.PARAMS_RECEIVED, payload=payload.decode("utf-8", "replace"))
         try:
@@ -470,15 +498,16 @@ class RainMakerNode:
         except MalformedParams as exc:
             if "panics_on_bad_params" in self.flaws:
                 self.panic()
-                return
+                return False
             log.info("virtual board %s: dropped params write: %s", self.platform.board, exc)
-            return
+            return False
         for device, param, value in writes:
             if param.type == "esp.param.name" or device.is_service:
                 self.update_param(device, param, value, report=False)
             else:
                 self._write_callback(device, param, value, source, report=False)
         self._flush_reports()
+        return True
 
     def set_param_locally(self, device: Device, param: Param, value: Any) -> None:
         """A write from the node itself (console ``set-param``): through the device callback,

@@ -1,0 +1,73 @@
+"""suites/test_local_control.py passes on a clean node and catches local control without a PoP.
+
+One lab with two virtual boards — the virtual set's ``base``, and ``base`` with the flaw
+``local_ctrl_no_pop`` (security 1 without proof of possession, empty ``POP`` reported) — and
+one pytest run of the suite: the clean board runs every test and must pass them all; the
+flawed board runs the tests that must FAIL on it, each for the reason named here. The suite
+runs as `rig run` would run it: its own process, its own lab file (never the repo's
+boards.yaml), its own in-process cloud.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rig.firmware.flawed_set import write_flawed_build
+from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = "suites/test_local_control.py"
+CLEAN_BOARD = "lc-clean"
+FLAWED_BOARD = "lc-nopop"
+FLAW = "local_ctrl_no_pop"
+CAUGHT_BY = {
+    "test_local_control_needs_the_pop": "a local-control session was established without a PoP",
+    "test_local_control_pop_is_the_nodes_own_secret": "reports no PoP",
+}
+"""The tests that must FAIL on the flawed board, and a fragment of each failure message."""
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
+    root = tmp_path_factory.mktemp("lcsuite")
+    key = ensure_signing_key(root / "key.pem")
+    build_virtual_set(root / "sets" / "clean", key)
+    write_flawed_build(root / "sets" / FLAW / "base", [FLAW], key)
+    lab = root / "boards.yaml"
+    lab.write_text(
+        "lab: local-control-meta\nstack: {kind: local}\n"
+        "wifi:\n  - ssid: lc-meta-lab\n    passphrase: lc-meta-lab-passphrase\n"
+        f"boards:\n  - name: {CLEAN_BOARD}\n    kind: virtual\n    firmware: {root / 'sets' / 'clean'}\n"
+        f"  - name: {FLAWED_BOARD}\n    kind: virtual\n    firmware: {root / 'sets' / FLAW}\n"
+    )
+    selected = [f"{SUITE}::{name}[{CLEAN_BOARD}]" for name in suite_tests()]
+    selected += [f"{SUITE}::{name}[{FLAWED_BOARD}]" for name in CAUGHT_BY]
+    argv = [sys.executable, "-m", "pytest", *selected, f"--boards={lab}", f"--rig-run-dir={root / 'run'}", "-q", "-rA",
+            "-p", "no:randomly"]  # fmt: skip
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+
+
+def suite_tests() -> list[str]:
+    return re.findall(r"^def (test_\w+)\(", (REPO / SUITE).read_text(), re.MULTILINE)
+
+
+def test_the_suite_has_the_tests_this_meta_test_names() -> None:
+    assert set(CAUGHT_BY) <= set(suite_tests())
+
+
+def test_clean_board_passes_every_local_control_test(suite_run: subprocess.CompletedProcess[str]) -> None:
+    for name in suite_tests():
+        assert f"PASSED {SUITE}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, suite_run.stdout[-6000:]
+
+
+@pytest.mark.parametrize("test", sorted(CAUGHT_BY))
+def test_local_control_without_a_pop_fails_the_suite(suite_run: subprocess.CompletedProcess[str], test: str) -> None:
+    failed = f"FAILED {SUITE}::{test}[{FLAWED_BOARD}]"
+    lines = [line for line in suite_run.stdout.splitlines() if line.startswith(failed)]
+    assert lines, f"expected {failed}\n{suite_run.stdout[-6000:]}"
+    assert CAUGHT_BY[test] in "\n".join(lines) or CAUGHT_BY[test] in suite_run.stdout, lines  # the summary line may be cut
