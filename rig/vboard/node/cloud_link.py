@@ -45,6 +45,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from rig.cloud.service import RULES  # the basic-ingest rule table, declared once for both ends
 from rig.vboard.bootloader import LogMessage
 from rig.vboard.node.identity import NodeIdentity
 from rig.vboard.node.messages import (
@@ -74,16 +75,6 @@ LWIP_FIRST_FD = 54
 PPI_SKU, PPI_NAME, PPI_VERSION = "EX00", "RMDev", "1x0"
 """``CONFIG_ESP_RMAKER_MQTT_PRODUCT_SKU`` / ``_NAME`` / ``_VERSION`` defaults."""
 
-RULES = {
-    "config": "esp_node_config",
-    "params/local": "esp_set_params",
-    "params/local/init": "esp_init_params",
-    "alert": "esp_node_alert",
-    "user/mapping": "esp_user_node_mapping",
-    "otafetch": "esp_node_otafetch",
-    "otastatus": "esp_node_otastatus",
-}
-"""Node→cloud suffix → basic-ingest rule (esp-rainmaker ``src/core/esp_rmaker_mqtt_topics.h``)."""
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rig.boards.virtual_ports import RadioNetwork, read_radio_file
+from rig.protocomm.messages import WifiAuthMode  # wifi_constants.proto: declared once, there
 from rig.vboard.node.runtime import NodeRuntime
 
 ASSOCIATION_S = 0.3
@@ -45,19 +46,8 @@ class FailReason(enum.IntEnum):
     NETWORK_NOT_FOUND = 1
 
 
-class WifiAuthMode(enum.IntEnum):
-    OPEN = 0
-    WEP = 1
-    WPA_PSK = 2
-    WPA2_PSK = 3
-    WPA_WPA2_PSK = 4
-    WPA2_ENTERPRISE = 5
-    WPA3_PSK = 6
-    WPA2_WPA3_PSK = 7
-
-
 AUTH_MODES = {
-    "open": WifiAuthMode.OPEN,
+    "open": WifiAuthMode.Open,
     "wpa2_psk": WifiAuthMode.WPA2_PSK,
     "wpa3_psk": WifiAuthMode.WPA3_PSK,
     "wpa2_wpa3_psk": WifiAuthMode.WPA2_WPA3_PSK,
@@ -215,7 +205,7 @@ class WifiStation:
             return StationStatus(StationState.CONNECTION_FAILED, FailReason.NETWORK_NOT_FOUND)
         ap = max(matches, key=lambda n: n.rssi)
         auth = AUTH_MODES.get(ap.auth, WifiAuthMode.WPA2_PSK)
-        if auth is not WifiAuthMode.OPEN and ap.passphrase.encode() != config.passphrase:
+        if auth is not WifiAuthMode.Open and ap.passphrase.encode() != config.passphrase:
             return StationStatus(StationState.CONNECTION_FAILED, FailReason.AUTH_ERROR)
         info = ConnectedInfo(self.address, auth, config.ssid, _bssid_bytes(ap.bssid), ap.channel)
         return StationStatus(StationState.CONNECTED, connected=info)
