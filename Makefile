@@ -12,6 +12,9 @@ APT_STAMP   := $(VENV)/.rig-apt
 # python3-venv so `python3 -m venv` works on a stock Debian python; gcc and mosquitto-dev
 # (+ libmosquitto-dev, libssl-dev) to build the broker's client-id plugin (rig/cloud/mosquitto_plugin/).
 RMAKER_CLI  := esp-rainmaker-cli==1.14.1
+# Test modules run in parallel, one module per worker (module fixtures stay in one process):
+# most of their time is spent waiting on virtual boards, brokers and subprocesses.
+TEST_WORKERS ?= 3
 APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 
 .PHONY: install test run lint clean
@@ -41,7 +44,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 run: install
 	$(BIN)/rig run

@@ -416,14 +416,21 @@ class MosquittoBroker:
                 self._proc.wait(timeout=0.05)
 
     def _wait_listening(self, port: int, timeout: float, log_offset: int) -> None:
+        listening = False
         for _ in self._paced(timeout):
-            try:
-                # A bare TCP connect: mosquitto logs it as a failed TLS client ("unexpected eof"); that
-                # first log line after start is this readiness probe.
-                with socket.create_connection((self.host, port), timeout=1.0):
-                    return
-            except ConnectionRefusedError:
-                continue
+            if not listening:
+                try:
+                    # A bare TCP connect: mosquitto logs it as a failed TLS client ("unexpected eof"); that
+                    # first log line after start is this readiness probe.
+                    with socket.create_connection((self.host, port), timeout=1.0):
+                        listening = True
+                except ConnectionRefusedError:
+                    continue
+            # The kernel accepts connections as soon as the socket listens; mosquitto installs its
+            # signal handlers after that and then logs "mosquitto version … running" — until then
+            # a SIGTERM kills it without its clean shutdown.
+            if MOSQUITTO_RUNNING in self._log_from(log_offset):
+                return
         if self._proc is not None and self._proc.poll() is not None:
             code = self._proc.returncode
             self._proc = None
@@ -433,6 +440,11 @@ class MosquittoBroker:
             raise BrokerError(f"mosquitto exited with status {code} while starting; its log:\n{log.strip()[-3000:]}")
         self.stop()
         raise BrokerError(f"mosquitto did not accept connections on {self.host}:{port} within {timeout} s; see {self.log_path}")
+
+
+MOSQUITTO_RUNNING = " running"
+"""The tail of mosquitto's ``mosquitto version X running`` line (``src/mosquitto.c``), logged once
+its listeners and signal handlers are set up."""
 
 
 class _PortTaken(Exception):
