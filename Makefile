@@ -14,7 +14,7 @@ APT_STAMP   := $(VENV)/.rig-apt
 RMAKER_CLI  := esp-rainmaker-cli==1.14.1
 # Test modules run in parallel, one module per worker (module fixtures stay in one process):
 # most of their time is spent waiting on virtual boards, brokers and subprocesses.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 
 .PHONY: install test run lint clean

@@ -19,6 +19,7 @@ import pytest
 
 from rig.firmware.flawed_set import write_flawed_build
 from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
+from tests.suite_runs import failure_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "suites/test_local_control.py"
@@ -62,12 +63,12 @@ def test_the_suite_has_the_tests_this_meta_test_names() -> None:
 
 def test_clean_board_passes_every_local_control_test(suite_run: subprocess.CompletedProcess[str]) -> None:
     for name in suite_tests():
-        assert f"PASSED {SUITE}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, suite_run.stdout[-6000:]
+        assert f"PASSED {SUITE}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, failure_excerpt(suite_run.stdout)
 
 
 @pytest.mark.parametrize("test", sorted(CAUGHT_BY))
 def test_local_control_without_a_pop_fails_the_suite(suite_run: subprocess.CompletedProcess[str], test: str) -> None:
     failed = f"FAILED {SUITE}::{test}[{FLAWED_BOARD}]"
     lines = [line for line in suite_run.stdout.splitlines() if line.startswith(failed)]
-    assert lines, f"expected {failed}\n{suite_run.stdout[-6000:]}"
+    assert lines, f"expected {failed}\n{failure_excerpt(suite_run.stdout)}"
     assert CAUGHT_BY[test] in "\n".join(lines) or CAUGHT_BY[test] in suite_run.stdout, lines  # the summary line may be cut

@@ -17,6 +17,7 @@ import pytest
 
 from rig.firmware.flawed_set import write_flawed_build
 from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
+from tests.suite_runs import failure_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 PROVISIONING = "suites/test_provisioning.py"
@@ -65,7 +66,7 @@ def _suite_tests(suite: str) -> list[str]:
 @pytest.mark.parametrize("suite", SUITES)
 def test_clean_board_passes_every_test(suite_run: subprocess.CompletedProcess[str], suite: str) -> None:
     for name in _suite_tests(suite):
-        assert f"PASSED {suite}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, suite_run.stdout[-4000:]
+        assert f"PASSED {suite}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, failure_excerpt(suite_run.stdout)
 
 
 @pytest.mark.parametrize("flaw", sorted(CAUGHT_BY))
@@ -73,5 +74,5 @@ def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw:
     board, suite, test, message = CAUGHT_BY[flaw]
     failed = f"FAILED {suite}::{test}[{board}]"
     lines = [line for line in suite_run.stdout.splitlines() if line.startswith(failed)]
-    assert lines, f"{flaw}: expected {failed}\n{suite_run.stdout[-4000:]}"
-    assert message in "\n".join(lines) or message in suite_run.stdout, f"{flaw}: {lines}"
+    assert lines, f"{flaw}: expected {failed}\n{failure_excerpt(suite_run.stdout)}"
+    assert message in "\n".join(lines) or message in suite_run.stdout, f"{flaw}: {lines}\n{failure_excerpt(suite_run.stdout)}"
