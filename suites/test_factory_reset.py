@@ -6,7 +6,7 @@ erases the ``nvs`` partition — Wi-Fi credentials (ESP-IDF's ``nvs.net80211``),
 mapping (``user_mapping``), params — and keeps ``fctry``, the node's cloud identity. The
 suite checks that on the flash itself, read back through esptool over the console's own
 port (pytest-embedded's ``dump_flash``, :func:`fixtures.node.read_partition`) and parsed as NVS, then that the node is back in
-provisioning.
+provisioning and, onboarded again, reports a new local-control PoP (the old owner's is void).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
-from fixtures.node import ROM_BANNER, ProvisionedNode, read_partition
+from fixtures.node import ROM_BANNER, ProvisionedNode, onboard, read_partition, read_qr
 from rig.cloud.fctry import read_fctry, read_nvs
 from rig.firmware.errors import FirmwareFormatError
+from rig.lab import Lab
 from rig.prov.console_qr import QR_LINE
+from rig.prov.local_ctrl import wait_local_control_service
 
 WIFI_NAMESPACE = "nvs.net80211"
 """ESP-IDF's Wi-Fi driver keeps the station SSID/password here (``sta.ssid``, ``sta.pswd``)."""
@@ -27,6 +29,7 @@ MAPPING_NAMESPACE = "user_mapping"
 """esp-rainmaker ``esp_rmaker_user_mapping.c`` keeps the mapped ``user_id`` here."""
 USER_DATA_NAMESPACES = (WIFI_NAMESPACE, MAPPING_NAMESPACE)
 BOOT_TIMEOUT_S = 60.0
+LOCAL_CTRL_TIMEOUT_S = 15.0
 
 
 def nvs_namespaces(dut: Any) -> set[str]:
@@ -40,8 +43,9 @@ def nvs_namespaces(dut: Any) -> set[str]:
         pytest.fail(f"INCONCLUSIVE: the nvs partition is not readable NVS ({exc}); encrypted NVS needs its keys", pytrace=False)
 
 
-@pytest.mark.etsi("5.11-1", "5.4-2")
-def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: ProvisionedNode, dut: Any) -> None:
+@pytest.mark.etsi("5.11-1", "5.4-2", "5.1-1")
+def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: ProvisionedNode, dut: Any, lab: Lab) -> None:
+    local_ctrl = wait_local_control_service(provisioned_node.user, provisioned_node.node_id, LOCAL_CTRL_TIMEOUT_S)
     before = nvs_namespaces(dut)
     missing = [ns for ns in USER_DATA_NAMESPACES if ns not in before]
     if missing:
@@ -58,3 +62,10 @@ def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: Pro
     assert b"QRCODE" in came_back.group(0), "after the factory reset the node came back provisioned, not in provisioning"
     identity = read_fctry(read_partition(dut, "fctry"))
     assert identity["node_id"].decode() == provisioned_node.node_id, "the factory reset changed the node's fctry identity"
+
+    if local_ctrl is None:
+        return  # a node without local control has no local-control PoP to renew
+    onboard(provisioned_node.fresh, dut, lab, provisioned_node.user, read_qr(dut, timeout=BOOT_TIMEOUT_S))
+    renewed = wait_local_control_service(provisioned_node.user, provisioned_node.node_id, LOCAL_CTRL_TIMEOUT_S)
+    assert renewed is not None, "after the factory reset and new onboarding the node reports no Local Control service"
+    assert renewed.pop != local_ctrl.pop, "the local-control PoP survived the factory reset: the previous owner can still get in"
