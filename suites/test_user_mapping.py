@@ -49,8 +49,8 @@ the matching other half (rainmaker-protocol.md §2.4)."""
 PAST_THE_WINDOW_S = MAPPING_WINDOW_S + 1.0
 WIFI_TIMEOUT_S = 30.0
 CLOUD_TIMEOUT_S = 60.0
-WRITE_TIMEOUT_S = 20.0
-CONSOLE_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 45.0
+CONSOLE_TIMEOUT_S = 30.0
 
 DEVICE = "Switch"
 POWER = "Power"

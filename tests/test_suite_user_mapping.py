@@ -31,6 +31,7 @@ from rig.cloud.store import MAPPING_WINDOW_S, CloudStore, MappingRequest, Mappin
 from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
 from rig.lab import load_lab
 from rig.lab_services import LabServicesState, state_path
+from tests.suite_runs import failure_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "suites/test_user_mapping.py"
@@ -157,13 +158,13 @@ def suite_runs(mapping_lab: MappingLab) -> Iterator[dict[str, str]]:
 def test_clean_cloud_passes_every_mapping_test(suite_runs: dict[str, str]) -> None:
     out = suite_runs[CLEAN]
     for name in _suite_tests():
-        assert f"PASSED {SUITE}::{name}[{BOARD}]" in out, out[-4000:]
+        assert f"PASSED {SUITE}::{name}[{BOARD}]" in out, failure_excerpt(out)
 
 
 @pytest.mark.parametrize("flaw", CLOUD_FLAWS, ids=[f.name for f in CLOUD_FLAWS])
 def test_cloud_flaw_fails_its_check(suite_runs: dict[str, str], flaw: CloudFlaw) -> None:
     out = suite_runs[flaw.name]
-    assert f"FAILED {SUITE}::{flaw.test}[{BOARD}]" in out, f"{flaw.name}: the suite did not fail\n{out[-4000:]}"
-    assert flaw.message in out, f"{flaw.name}: the test failed, but not on its check ({flaw.message!r})\n{out[-4000:]}"
+    assert f"FAILED {SUITE}::{flaw.test}[{BOARD}]" in out, f"{flaw.name}: the suite did not fail\n{failure_excerpt(out)}"
+    assert flaw.message in out, f"{flaw.name}: the test failed, but not on its check ({flaw.message!r})\n{failure_excerpt(out)}"
     summary = [line for line in out.splitlines() if line.startswith(f"FAILED {SUITE}::{flaw.test}[{BOARD}]")]
     assert not any("INCONCLUSIVE" in line for line in summary), f"{flaw.name}: the run was inconclusive, not a FAIL: {summary}"
