@@ -21,12 +21,11 @@ real board, the address boards.yaml gives it on the lab network) on port 8080.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 
-from fixtures.node import ProvisionedNode
+from fixtures.node import EXAMPLE_POPS, POWER, SWITCH, ProvisionedNode, console_value, near_miss, pop_weakness
 from rig.protocomm.errors import SessionError
 from rig.protocomm.messages import CmdGetPropertyCount, LocalCtrlMessage, LocalCtrlMsgType
 from rig.protocomm.security import DEFAULT_SEC2_USERNAME
@@ -34,11 +33,6 @@ from rig.prov.local_ctrl import LOCAL_CTRL_PORT, LocalControlClient, LocalContro
 from rig.prov.transport_http import SoftApHttpTransport, TransportError
 
 CLOUD_TIMEOUT_S = 60.0
-CONSOLE_TIMEOUT_S = 10.0
-DEVICE, POWER = "Switch", "Power"
-"""The switch example's device and param (esp-rainmaker ``examples/switch``)."""
-EXAMPLE_POPS = ("abcd1234",)
-"""PoPs from Espressif's example code."""
 MIN_POP_LEN = 8
 """RainMaker's local-control PoP: 8 hex digits from 4 random bytes (32 bits)."""
 
@@ -60,19 +54,12 @@ def client(node: ProvisionedNode, pop: str, username: str | None = None) -> Loca
     return LocalControlClient(transport, pop=pop, username=username or DEFAULT_SEC2_USERNAME)
 
 
-def console_value(dut: Any, device: str, param: str) -> str:
-    """What the node itself holds: ``get-param`` prints ``<device>.<param> = <value>``."""
-    dut.write(f"get-param {device} {param}")
-    match = dut.expect(re.compile(rf"{re.escape(device)}\.{re.escape(param)} = ([^\r\n]*)".encode()), timeout=CONSOLE_TIMEOUT_S)
-    return match.group(1).decode().strip()
-
-
 def wrong_pops(pop: str, provisioning_pop: str | None) -> list[str]:
     """What an attacker on the LAN tries: no PoP, the PoP one digit off, the example PoPs, and the
     provisioning PoP printed on the device's QR label."""
     guesses = [""]
     if pop:
-        guesses.append(pop[:-1] + ("0" if pop[-1] != "0" else "1"))
+        guesses.append(near_miss(pop))
     guesses += [p for p in (*EXAMPLE_POPS, provisioning_pop or "") if p and p != pop]
     return guesses
 
@@ -94,14 +81,14 @@ def test_the_mapped_user_controls_the_node_locally(provisioned_node: Provisioned
         pytest.fail(f"no local-control session with the PoP the node reported to its mapped user: {exc}")
     config = lc.get_config()
     assert config.get("node_id") == node.node_id, f"local control serves the config of node {config.get('node_id')!r}, not {node.node_id}"
-    current = lc.get_params().get(DEVICE, {}).get(POWER)
-    assert isinstance(current, bool), f"the local params have no boolean {DEVICE}.{POWER}: {current!r}"
+    current = lc.get_params().get(SWITCH, {}).get(POWER)
+    assert isinstance(current, bool), f"the local params have no boolean {SWITCH}.{POWER}: {current!r}"
     target = not current
-    lc.set_params({DEVICE: {POWER: target}})
-    applied = console_value(dut, DEVICE, POWER)
+    lc.set_params({SWITCH: {POWER: target}})
+    applied = console_value(dut, SWITCH, POWER)
     assert applied == ("true" if target else "false"), f"the node did not apply the local write {POWER} = {target} (it holds {applied})"
-    assert lc.get_params()[DEVICE][POWER] is target, "local control reads back a value other than the one it just wrote"
-    seen = node.user.wait_param(node.node_id, DEVICE, POWER, target, CLOUD_TIMEOUT_S)
+    assert lc.get_params()[SWITCH][POWER] is target, "local control reads back a value other than the one it just wrote"
+    seen = node.user.wait_param(node.node_id, SWITCH, POWER, target, CLOUD_TIMEOUT_S)
     assert seen == target, f"the node applied the local write {POWER} = {target} but the cloud shows {seen}: it was not reported"
 
 
@@ -134,7 +121,6 @@ def test_local_control_pop_is_the_nodes_own_secret(provisioned_node: Provisioned
     pop = local_service(node).pop
     assert pop, "the node's Local Control service reports no PoP: local control runs without proof of possession (5.1-1)"
     assert pop != node.qr.pop, "the local-control PoP is the provisioning PoP printed on the QR label: one secret for two doors"
-    assert pop not in EXAMPLE_POPS, f"the local-control PoP is Espressif's example value {pop!r}: the same on every device (5.1-1)"
-    mac = node.fresh.claim.mac.replace(":", "").lower()
-    assert pop.lower() not in mac, "the local-control PoP is the board's MAC address bytes: derivable (5.1-2)"
+    weakness = pop_weakness(pop, node.fresh.claim.mac)
+    assert weakness is None, f"the local-control PoP is no per-device secret: {weakness}"
     assert len(pop) >= MIN_POP_LEN, f"the local-control PoP has {len(pop)} characters; RainMaker's has {MIN_POP_LEN} random hex digits"

@@ -34,26 +34,18 @@ from typing import Any
 import pytest
 
 from fixtures.cloud import Cloud
-from fixtures.farm import NOT_APPLICABLE
-from fixtures.node import FreshNode, ProvisionedNode, read_qr
+from fixtures.node import POWER, SWITCH, FreshNode, ProvisionedNode, console_value, provision, read_qr
 from rig.evidence.redaction import SECRETS
-from rig.lab import Lab, WifiNetwork
-from rig.protocomm.errors import SessionError
-from rig.prov.provisioner import ProvisioningClient, ProvisioningError, provision_wifi
+from rig.lab import Lab
 from rig.prov.rainmaker_api import RainMakerApiError, RainMakerUser
-from rig.prov.transport_http import SoftApHttpTransport, TransportError
 
 MAPPING_WINDOW_S = 60.0
 """RainMaker's user-node mapping window: "Timed Out" one minute after the first half without
 the matching other half (rainmaker-protocol.md §2.4)."""
 PAST_THE_WINDOW_S = MAPPING_WINDOW_S + 1.0
-WIFI_TIMEOUT_S = 30.0
 CLOUD_TIMEOUT_S = 60.0
 WRITE_TIMEOUT_S = 45.0
-CONSOLE_TIMEOUT_S = 30.0
 
-DEVICE = "Switch"
-POWER = "Power"
 NAME = "Name"
 """The switch example's device and params (esp-rainmaker ``examples/switch``), which the
 rig's RainMaker firmware sets are built from."""
@@ -63,12 +55,6 @@ MAPPING_SENT = "User Node association message published successfully."
 RECEIVED_PARAMS = re.compile(rb"Received params: ([^\r\n]*)")
 """``esp_rmaker_param.c`` logs every ``params/remote`` write the node gets, before applying it."""
 HTTP_CLIENT_ERROR = re.compile(r"HTTP 4\d\d")
-
-
-def lab_ap(lab: Lab) -> WifiNetwork:
-    if not lab.wifi:
-        pytest.skip(f"{NOT_APPLICABLE}: boards.yaml lists no wifi: access point to provision boards onto")
-    return lab.wifi[0]
 
 
 def require_test_clock(cloud: Cloud) -> None:
@@ -81,13 +67,6 @@ def mapping_secret() -> str:
     secret = str(uuid.uuid4())
     SECRETS.add(secret)
     return secret
-
-
-def console_value(dut: Any, device: str, param: str) -> str:
-    """What the node itself holds: ``get-param`` prints ``<device>.<param> = <value>``."""
-    dut.write(f"get-param {device} {param}")
-    match = dut.expect(re.compile(rf"{re.escape(device)}\.{re.escape(param)} = ([^\r\n]*)".encode()), timeout=CONSOLE_TIMEOUT_S)
-    return match.group(1).decode().strip()
 
 
 def next_write_on_node(dut: Any) -> str:
@@ -126,15 +105,7 @@ def write_refusal(user: RainMakerUser, node_id: str, payload: dict[str, Any]) ->
 
 def provision_with_secret(fresh_node: FreshNode, dut: Any, lab: Lab, user: RainMakerUser, secret: str) -> None:
     """The app's onboarding up to the node's half of the mapping; the user's half is the test's."""
-    ap = lab_ap(lab)
-    qr = read_qr(dut)
-    client = ProvisioningClient(SoftApHttpTransport(fresh_node.address()), pop=qr.pop or "", username=qr.username or "")
-    try:
-        outcome = provision_wifi(client, ap.ssid, ap.passphrase.get_secret_value(), user.user_id, secret, WIFI_TIMEOUT_S)
-    except (ProvisioningError, TransportError, SessionError) as exc:
-        pytest.fail(f"INCONCLUSIVE: provisioning board '{fresh_node.board.name}' failed: {exc}", pytrace=False)
-    if not outcome.connected:
-        pytest.fail(f"INCONCLUSIVE: board '{fresh_node.board.name}' did not join {ap.ssid}: {outcome}", pytrace=False)
+    provision(fresh_node, lab, user, read_qr(dut), secret)
     dut.expect_exact(MAPPING_SENT, timeout=CLOUD_TIMEOUT_S)
 
 
@@ -150,7 +121,7 @@ def test_mapping_is_confirmed_for_the_provisioning_user(provisioned_node: Provis
     config = user.node_config(node_id)
     assert config.get("node_id") == node_id, f"the config the user gets is for node {config.get('node_id')!r}, not {node_id}"
     devices = [d.get("name") for d in config.get("devices", [])]
-    assert DEVICE in devices, f"the node's config lists devices {devices}; the switch firmware reports '{DEVICE}'"
+    assert SWITCH in devices, f"the node's config lists devices {devices}; the switch firmware reports '{SWITCH}'"
 
 
 @pytest.mark.etsi("5.5-4", "5.5-5")
@@ -211,19 +182,19 @@ def test_mapping_without_the_node_times_out(fresh_node: FreshNode, dut: Any, clo
 @pytest.mark.etsi("5.5-4", "5.5-5")
 def test_only_the_mapped_user_and_accepted_shares_control_the_node(provisioned_node: ProvisionedNode, dut: Any, cloud: Cloud) -> None:
     owner, node_id = provisioned_node.user, provisioned_node.node_id
-    current = console_value(dut, DEVICE, POWER) == "true"
+    current = console_value(dut, SWITCH, POWER) == "true"
     # The node reports its params once it subscribed to params/remote: only then can a write reach it.
-    if owner.wait_param(node_id, DEVICE, POWER, current, CLOUD_TIMEOUT_S) != current:
-        pytest.fail(f"INCONCLUSIVE: node {node_id} never reported {DEVICE}.{POWER} = {console_text(current)} to the cloud", pytrace=False)
+    if owner.wait_param(node_id, SWITCH, POWER, current, CLOUD_TIMEOUT_S) != current:
+        pytest.fail(f"INCONCLUSIVE: node {node_id} never reported {SWITCH}.{POWER} = {console_text(current)} to the cloud", pytrace=False)
 
     # the mapped user controls the node
     target = not current
-    results = owner.set_params(node_id, {DEVICE: {POWER: target}})
+    results = owner.set_params(node_id, {SWITCH: {POWER: target}})
     assert all(r.get("status") == "success" for r in results), f"the cloud refused the mapped user's write: {results}"
     write = next_write_on_node(dut)
     assert f'"{POWER}"' in write, f"the node received {write}, not the mapped user's {POWER} write"
-    assert console_value(dut, DEVICE, POWER) == console_text(target), f"the node did not apply {DEVICE}.{POWER} = {target}"
-    seen = owner.wait_param(node_id, DEVICE, POWER, target, CLOUD_TIMEOUT_S)
+    assert console_value(dut, SWITCH, POWER) == console_text(target), f"the node did not apply {SWITCH}.{POWER} = {target}"
+    seen = owner.wait_param(node_id, SWITCH, POWER, target, CLOUD_TIMEOUT_S)
     assert seen == target, f"the node applied {POWER} = {target} but the cloud shows {seen}"
 
     email, password = cloud.add_user()
@@ -232,7 +203,7 @@ def test_only_the_mapped_user_and_accepted_shares_control_the_node(provisioned_n
         assert refusal(lambda: other.params(node_id)) is not None, (
             f"a user who is neither mapped to nor shared node {node_id} read its params"
         )
-        assert write_refusal(other, node_id, {DEVICE: {POWER: current}}) is not None, (
+        assert write_refusal(other, node_id, {SWITCH: {POWER: current}}) is not None, (
             f"the cloud accepted a write to node {node_id} from a user who is neither mapped to nor shared it"
         )
 
@@ -244,17 +215,17 @@ def test_only_the_mapped_user_and_accepted_shares_control_the_node(provisioned_n
         assert refusal(lambda: other.params(node_id)) is not None, (
             f"a user read node {node_id}'s params while the share was only offered, not accepted"
         )
-        assert write_refusal(other, node_id, {DEVICE: {POWER: current}}) is not None, (
+        assert write_refusal(other, node_id, {SWITCH: {POWER: current}}) is not None, (
             f"the cloud accepted a write to node {node_id} while the share was only offered, not accepted"
         )
 
         # Neither refused write may have reached the node: the owner's marker write, published
         # after them, must be the next write the node receives (one cloud publisher, QoS 1, in order).
         marker = f"rig-{uuid.uuid4().hex[:8]}"
-        owner.set_params(node_id, {DEVICE: {NAME: marker}})
+        owner.set_params(node_id, {SWITCH: {NAME: marker}})
         write = next_write_on_node(dut)
         assert marker in write, f"the node received a write the cloud had refused: {write}"
-        assert console_value(dut, DEVICE, POWER) == console_text(target), (
+        assert console_value(dut, SWITCH, POWER) == console_text(target), (
             f"the node's {POWER} changed although every write but the owner's was refused"
         )
 
@@ -263,10 +234,10 @@ def test_only_the_mapped_user_and_accepted_shares_control_the_node(provisioned_n
         assert primary == [owner.email] and secondary == [other.email], (
             f"after the share was accepted node {node_id} lists primary {primary}, secondary {secondary}"
         )
-        shared_view = other.params(node_id).get(DEVICE, {}).get(POWER)
-        assert shared_view == target, f"the accepted secondary user sees {DEVICE}.{POWER} = {shared_view}, the node holds {target}"
-        results = other.set_params(node_id, {DEVICE: {POWER: current}})
+        shared_view = other.params(node_id).get(SWITCH, {}).get(POWER)
+        assert shared_view == target, f"the accepted secondary user sees {SWITCH}.{POWER} = {shared_view}, the node holds {target}"
+        results = other.set_params(node_id, {SWITCH: {POWER: current}})
         assert all(r.get("status") == "success" for r in results), f"the cloud refused the accepted secondary user's write: {results}"
         write = next_write_on_node(dut)
         assert f'"{POWER}"' in write, f"the node received {write}, not the secondary user's {POWER} write"
-        assert console_value(dut, DEVICE, POWER) == console_text(current), f"the node did not apply the secondary user's {POWER} write"
+        assert console_value(dut, SWITCH, POWER) == console_text(current), f"the node did not apply the secondary user's {POWER} write"
