@@ -193,3 +193,26 @@ def test_virtual_board_is_started_when_a_test_needs_its_port(scratch: pytest.Pyt
     result.assert_outcomes(passed=1)
     assert "rfc2217://" in (scratch.path / "run" / "logs" / "vb1.log").read_text()
     assert not (scratch.path / ".rig" / "boards" / "vb1" / "port").exists()  # stopped at session end
+
+
+def test_run_folder_is_scrubbed_of_secrets_the_session_learnt(scratch: pytest.Pytester) -> None:
+    """A PoP read from a console (registered mid-test) and the lab passphrase never reach the
+    run folder, although JUnit and allure-pytest save the captured output that holds them."""
+    run_dir = scratch.path / "run"
+    result = run(
+        scratch,
+        """
+        from rig.evidence.redaction import SECRETS
+
+        def test_console_prints_secrets():
+            SECRETS.add("5c26d7b0")  # as fixtures.node.read_qr does with a QR payload's PoP
+            print('QRCODE: {"pop":"5c26d7b0"} Password : scratch-passphrase-42')
+            assert False, "fail, so JUnit keeps the captured output"
+        """,
+        f"--junitxml={run_dir / 'junit.xml'}",
+        f"--alluredir={run_dir / 'allure-results'}",
+    )
+    result.assert_outcomes(failed=1)
+    texts = [p.read_text() for p in run_dir.rglob("*") if p.is_file()]
+    assert any("QRCODE" in t for t in texts), "the captured output should be in the run folder (else this proves nothing)"
+    assert not any("5c26d7b0" in t or "scratch-passphrase-42" in t for t in texts)
