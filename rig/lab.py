@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from rig.boards.virtual_ports import RadioNetwork, check_virtual_address, default_board_address, radio_network
+from rig.boards.virtual_ports import RadioAuth, RadioNetwork, check_virtual_address, default_board_address, radio_network
 from rig.targets import SUPPORTED as SUPPORTED_CHIPS
 
 DEFAULT_BOARDS_FILE = "boards.yaml"
@@ -94,7 +94,7 @@ class WifiNetwork(_Strict):
 
     ssid: Annotated[str, Field(min_length=1, max_length=32)]
     passphrase: SecretStr = SecretStr("")
-    auth: Literal["open", "wpa2_psk", "wpa3_psk", "wpa2_wpa3_psk"] = "wpa2_psk"
+    auth: RadioAuth = "wpa2_psk"
     channel: Annotated[int, Field(ge=1, le=14)] = 6
     from_env: bool = Field(default=False, exclude=True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import ssl
 import stat
 import subprocess
@@ -38,10 +39,12 @@ from rig.firmware.flawed_set import write_flawed_build
 from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.secure_boot_v2 import parse_signature_sector, split_signed_image
 from rig.firmware.virtual_set import VIRTUAL_ROLES, virtual_app_image
+from rig.protocomm.messages import WifiConnectFailedReason, WifiStationState
 from rig.vboard.app import AppContext, ConsoleCommands
 from rig.vboard.bootloader import BootOutcome, PartitionEntry
 from rig.vboard.flash import FlashStorage
 from rig.vboard.flaws import FLAWS, UnknownFlawError, check_flaws
+from rig.vboard.node import provisioning
 from rig.vboard.node.cloud_link import BACKOFF_BASE_S, BACKOFF_MAX_S, backoff_delay, node_topic, tls_context
 from rig.vboard.node.data_model import MalformedParams, switch_node
 from rig.vboard.node.identity import IdentityError, IdentityProblem, read_identity
@@ -50,7 +53,7 @@ from rig.vboard.node.node import NodePlatform, RainMakerNode, wifi_nvs_items
 from rig.vboard.node.nvs_store import NvsStore, NvsValue, build_nvs_image
 from rig.vboard.node.provisioning import qr_payload
 from rig.vboard.node.runtime import NodeRuntime
-from rig.vboard.node.wifi_station import FailReason, StationState, StationStatus, WifiAuthMode, WifiStation
+from rig.vboard.node.wifi_station import StationStatus, WifiAuthMode, WifiStation
 
 PAGE = 0x1000
 NVS_SIZE = 0x6000
@@ -171,19 +174,19 @@ def test_station_joins_only_with_the_right_passphrase(tmp_path: Path) -> None:
     def join(ssid: str, passphrase: str) -> StationStatus:
         station.set_config(ssid, passphrase)
         assert station.apply()
-        assert station.status().state is StationState.CONNECTING
+        assert station.status().state is WifiStationState.Connecting
         with done:
             assert done.wait_for(lambda: len(outcomes) >= count + 1, 5), "no join outcome within 5 s"
         return outcomes[-1]
 
     count = 0
     assert [(r.ssid, r.channel, r.auth) for r in station.scan()] == [(b"rig-lab-2g", 6, WifiAuthMode.WPA2_PSK)]
-    assert join("rig-lab-2g", "wrong-passphrase") == StationStatus(StationState.CONNECTION_FAILED, FailReason.AUTH_ERROR)
+    assert join("rig-lab-2g", "wrong-passphrase") == StationStatus(WifiStationState.ConnectionFailed, WifiConnectFailedReason.AuthError)
     count = 1
-    assert join("nowhere", "whatever1").fail_reason is FailReason.NETWORK_NOT_FOUND
+    assert join("nowhere", "whatever1").fail_reason is WifiConnectFailedReason.NetworkNotFound
     count = 2
     ok = join("rig-lab-2g", "virtual-lab-passphrase")
-    assert ok.state is StationState.CONNECTED and ok.connected is not None
+    assert ok.state is WifiStationState.Connected and ok.connected is not None
     assert ok.connected.ip4_addr == "127.0.1.77" and ok.connected.channel == 6 and ok.connected.ssid == b"rig-lab-2g"
     runtime.halt()
     assert runtime.join() == []
@@ -375,6 +378,31 @@ def test_an_image_naming_an_unknown_flaw_is_refused_at_boot(tmp_path: Path) -> N
     assert line.startswith("E rig_vboard: behaviour manifest names unknown flaw(s) typo_flaw; the node does not start. Fix:")
     assert "get-node-id" not in ctx.commands.names and node.link is None
     flash.close()
+
+
+def test_a_provisioning_server_that_cannot_listen_is_logged_and_the_node_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # another server holds the port
+    blocker.bind(("127.0.1.98", 0))
+    blocker.listen(1)
+    monkeypatch.setattr(provisioning, "HTTP_PORT", blocker.getsockname()[1])
+    console = QuietConsole()
+    boot = BootOutcome(partition=None, image=b"", app_desc=None, behaviour=BehaviourManifest(), otadata=None, halted=False,
+                       reason="", partitions=partitions())  # fmt: skip
+    flash = FlashStorage(tmp_path / "flash.bin")
+    ctx = AppContext(boot, flash, None, console, ConsoleCommands(console))  # type: ignore[arg-type]
+    node = RainMakerNode(ctx, NodePlatform("unit", "127.0.1.98", bytes(6), tmp_path / "radio.json"))
+    node.flaws = frozenset({"static_pop"})  # a PoP without a fctry partition
+    try:
+        assert provisioning.ProvisioningService(node).start()  # the boot goes on: no HttpdError out of app_main
+        assert "provisioning server of the virtual board at 127.0.1.98: cannot listen on" in caplog.text
+        assert any("Provisioning started with service name" in line for line in console.lines)
+    finally:
+        node.runtime.halt()
+        assert node.runtime.join() == []
+        blocker.close()
+        flash.close()
 
 
 def test_serve_refuses_an_address_that_is_not_a_virtual_boards(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ FIRST_HOST, LAST_HOST = 2, 254
 RADIO_FILE = "radio.json"
 RADIO_FORMAT = 1
 RadioAuth = Literal["open", "wpa2_psk", "wpa3_psk", "wpa2_wpa3_psk"]
+"""The auth modes ``boards.yaml`` ``wifi:`` accepts (``rig.lab.WifiNetwork.auth``) and the radio file carries."""
 
 
 def board_state_dir(state_dir: Path, name: str) -> Path:

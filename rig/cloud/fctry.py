@@ -72,6 +72,9 @@ __all__ = [
     "NvsItem",
     "NvsType",
     "build_fctry",
+    "entry_crc32",
+    "nvs_crc32",
+    "page_header_crc32",
     "read_fctry",
     "read_nvs",
     "read_nvs_items",
@@ -136,7 +139,8 @@ PAGE_FULL = 0xFFFFFFFC
 PAGE_FREEING = 0xFFFFFFF8
 PAGE_UNINITIALIZED = 0xFFFFFFFF
 READABLE_PAGE_STATES = {PAGE_ACTIVE: "active", PAGE_FULL: "full", PAGE_FREEING: "freeing"}
-NVS_VERSIONS = {0xFF: 1, 0xFE: 2}
+NVS_VERSION_2 = 0xFE
+NVS_VERSIONS = {0xFF: 1, NVS_VERSION_2: 2}
 
 ENTRY_EMPTY, ENTRY_WRITTEN, ENTRY_ERASED = 0b11, 0b10, 0b00
 
@@ -192,8 +196,19 @@ class FctryImage:
         return self.bin_path.read_bytes()
 
 
-def _crc(data: bytes) -> int:
+def nvs_crc32(data: bytes) -> int:
+    """``esp_rom_crc32_le(0xFFFFFFFF, …)``, the CRC of every NVS structure (module docstring)."""
     return zlib.crc32(data, 0xFFFFFFFF)
+
+
+def page_header_crc32(header: bytes) -> int:
+    """A page header's CRC32: over bytes 4..27 (``NVS_PAGE_HEADER_LAYOUT``'s ``crc32``)."""
+    return nvs_crc32(header[4:28])
+
+
+def entry_crc32(entry: bytes) -> int:
+    """An entry's CRC32: over bytes 0..3 and 8..31, its own CRC field left out (``NVS_ENTRY_LAYOUT``)."""
+    return nvs_crc32(entry[0:4] + entry[8:32])
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -311,7 +326,7 @@ def _parse_page(image: bytes, base: int, what: str) -> tuple[int, list[_Raw]] | 
         return None
     if header["state"] not in READABLE_PAGE_STATES:
         raise FirmwareFormatError(what, f"page state 0x{header['state']:08x} is not active, full or freeing", base)
-    if _crc(image[base + 4 : base + 28]) != header["crc32"]:
+    if page_header_crc32(image[base : base + 32]) != header["crc32"]:
         raise FirmwareFormatError(what, f"page header CRC32 mismatch (stored 0x{header['crc32']:08x})", base + 28)
     if header["version"] not in NVS_VERSIONS:
         raise FirmwareFormatError(what, f"unknown NVS format version byte 0x{header['version']:02x}", base + 8)
@@ -327,8 +342,7 @@ def _parse_page(image: bytes, base: int, what: str) -> tuple[int, list[_Raw]] | 
         if state != ENTRY_WRITTEN:
             raise FirmwareFormatError(what, f"entry {index} has the impossible state bits 0b{state:02b}", base + BITMAP_OFFSET + index // 4)
         entry = NVS_ENTRY_LAYOUT.unpack(image, offset, what)
-        raw_entry = image[offset : offset + ENTRY_SIZE]
-        if _crc(raw_entry[0:4] + raw_entry[8:32]) != entry["crc32"]:
+        if entry_crc32(image[offset : offset + ENTRY_SIZE]) != entry["crc32"]:
             raise FirmwareFormatError(what, f"entry CRC32 mismatch (stored 0x{entry['crc32']:08x})", offset)
         try:
             item_type = NvsType(entry["type"])
@@ -349,7 +363,7 @@ def _parse_page(image: bytes, base: int, what: str) -> tuple[int, list[_Raw]] | 
                 problem = f"{varlen['size']}-byte {item_type.name} needs span {needed}, entry says {span}"
                 raise FirmwareFormatError(what, problem, offset + 2)
             payload = image[offset + ENTRY_SIZE : offset + ENTRY_SIZE + varlen["size"]]
-            if _crc(payload) != varlen["data_crc32"]:
+            if nvs_crc32(payload) != varlen["data_crc32"]:
                 raise FirmwareFormatError(what, f"data CRC32 mismatch for key {key!r}", offset + ENTRY_SIZE)
         elif item_type is NvsType.BLOB_IDX:
             index_fields = NVS_BLOB_INDEX_LAYOUT.unpack(entry["data"], 0, what)

@@ -686,14 +686,7 @@ def _run_with_app_main(ctx: AppContext, app_main: AppMain) -> AppExit:
     """``app_main`` on the main task while the console task serves commands beside it, as
     on the chip: an ``app_main`` that blocks (RainMaker's ``app_network_start`` waits for
     Wi-Fi) leaves the console usable (``wifi-prov`` is how it gets unblocked)."""
-    console_exit: list[AppExit] = []
-
-    def console_task() -> None:
-        ended = _console_task(ctx)
-        console_exit.append(ended)
-        ctx.request_exit(ended)
-
-    task = threading.Thread(target=console_task, name="console_task", daemon=True)
+    task = threading.Thread(target=lambda: ctx.request_exit(_console_task(ctx)), name="console_task", daemon=True)
     task.start()
     try:
         ended = app_main(ctx)
@@ -703,10 +696,8 @@ def _run_with_app_main(ctx: AppContext, app_main: AppMain) -> AppExit:
             _log(ctx.console, Msg.MAIN_RETURNED)
         task.join()
     finally:
-        ctx.request_exit(AppExit("stopped", "app ended"))  # no-op unless app_main raised
+        winner = ctx.request_exit(AppExit("stopped", "app ended"))  # the first request wins: this one only if app_main raised
         ctx.run_cleanups()
-    winner = ctx.restart_requested
-    assert winner is not None
     return winner
 
 

@@ -9,8 +9,7 @@ so a typo never yields a "clean" board that a suite then passes.
 Each :class:`Flaw` says what goes wrong (``bug_class``), which ETSI EN 303 645
 provisions a suite catches it under (ids from ``rig.evidence.en303645``), and which
 module of the virtual board implements it (``implemented_in``; ``None`` while nobody
-does yet — such a flaw is accepted in a manifest but changes nothing, and
-:func:`unimplemented` lists them).
+does yet — such a flaw is accepted in a manifest but changes nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["FLAWS", "Flaw", "UnknownFlawError", "check_flaws", "unimplemented"]
+__all__ = ["FLAWS", "Flaw", "UnknownFlawError", "check_flaws"]
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,3 @@ def check_flaws(names: Iterable[str]) -> frozenset[str]:
     if unknown:
         raise UnknownFlawError(unknown)
     return frozenset(names)
-
-
-def unimplemented() -> list[str]:
-    """Flaws declared but not implemented by any module yet (they change nothing)."""
-    return [f.name for f in _CATALOGUE if f.implemented_in is None]

@@ -290,7 +290,7 @@ class CloudLink:
         return client
 
     def _connect(self, client: mqtt.Client, port: int) -> mqtt.Client:
-        self._connack_code: ReasonCode | None = None
+        self._connack_code = None
         try:
             client.connect(self.identity.mqtt_host, port, keepalive=KEEPALIVE_S, bind_address=self.settings.address)
         except ssl.SSLError as exc:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from rig.vboard.app import CommandResult, ConsoleCommand
 from rig.vboard.node.messages import TAG_COMMANDS, TAG_COMMON, NodeMsg
+from rig.vboard.node.wifi_station import PASSPHRASE_MAX, SSID_MAX
 
 if TYPE_CHECKING:
     from rig.vboard.node.data_model import Device, Param
@@ -90,8 +91,8 @@ def register_node_commands(node: RainMakerNode) -> None:
             return ESP_ERR_INVALID_ARG
         ssid = argv[1].encode()
         passphrase = argv[2].encode() if len(argv) >= 3 else b""
-        if len(ssid) > 32 or len(passphrase) > 64:
-            write(TAG_COMMANDS + ": Failed to set WiFi configuration\n")
+        if len(ssid) > SSID_MAX or len(passphrase) > PASSPHRASE_MAX:
+            write(NodeMsg.CMD_WIFI_CONFIG_FAILED)
             return ESP_FAIL
         if node.provisioning is not None and node.provisioning.active:
             node.provisioning.credentials_received(ssid, passphrase)  # wifi_prov_mgr_configure_sta

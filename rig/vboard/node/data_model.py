@@ -37,6 +37,9 @@ POWER_PARAM = "Power"
 NAME_PARAM = "Name"
 CONNECTIVITY_SERVICE = "Connectivity"
 CONNECTED_PARAM = "Connected"
+NAME_PARAM_TYPE = "esp.param.name"
+SOURCE_INIT, SOURCE_CLOUD, SOURCE_LOCAL = "Init", "Cloud", "Local"
+"""Who wrote a param (``esp_rmaker_req_src_t``), as ``esp_rmaker_device_cb_src_to_str`` prints it."""
 
 
 class ValType(enum.IntEnum):
@@ -247,7 +250,7 @@ def switch_node(fw_version: str, project_name: str) -> NodeModel:
         SWITCH_DEVICE,
         "esp.device.switch",
         [
-            Param(NAME_PARAM, "esp.param.name", ValType.STRING, SWITCH_DEVICE, persist=True),
+            Param(NAME_PARAM, NAME_PARAM_TYPE, ValType.STRING, SWITCH_DEVICE, persist=True),
             Param(POWER_PARAM, "esp.param.power", ValType.BOOLEAN, False, persist=True, ui_type="esp.ui.toggle"),
         ],
         primary=POWER_PARAM,

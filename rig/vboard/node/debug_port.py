@@ -8,8 +8,6 @@ shell prompt, which a suite's port scan must report as an undeclared interface
 
 from __future__ import annotations
 
-import socket
-
 from rig.vboard.node.runtime import NodeRuntime
 
 DEBUG_PORT = 2323
@@ -21,15 +19,8 @@ class DebugPort:
 
     def __init__(self, runtime: NodeRuntime, address: str, port: int = DEBUG_PORT):
         self.runtime = runtime
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.listener.bind((address, port))
-            self.listener.listen(4)
-        except OSError:
-            self.listener.close()
-            raise
-        runtime.track(self.listener)
+        self.listener = runtime.bound_socket(address, port)  # closed by the runtime at reset
+        self.listener.listen(4)
         runtime.spawn("debug_port", self._serve)
 
     def _serve(self) -> None:

@@ -7,16 +7,10 @@ from rig.vboard.node.node import NodePlatform, RainMakerNode
 
 
 class RainMakerFirmware:
-    """``app_main`` of every image the virtual board runs: a new :class:`RainMakerNode` per boot.
-
-    ``last_node`` is the node of the latest boot, for in-process tests.
-    """
+    """``app_main`` of every image the virtual board runs: a new :class:`RainMakerNode` per boot."""
 
     def __init__(self, platform: NodePlatform):
         self.platform = platform
-        self.last_node: RainMakerNode | None = None
 
     def __call__(self, ctx: AppContext) -> AppExit | None:
-        node = RainMakerNode(ctx, self.platform)
-        self.last_node = node
-        return node.app_main()
+        return RainMakerNode(ctx, self.platform).app_main()

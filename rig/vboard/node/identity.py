@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 
 from rig.cloud.fctry import FCTRY_NAMESPACE, FCTRY_PARTITION_NAME, SERVER_CERT_KEY, read_nvs
 from rig.firmware.errors import FirmwareFormatError
+from rig.firmware.partition_table import DataSubtype, PartitionType
 from rig.vboard.bootloader import PartitionEntry
 from rig.vboard.flash import FlashStorage
 
 log = logging.getLogger(__name__)
 
-DATA_TYPE = 0x01
-NVS_SUBTYPE = 0x02
 NVS_PARTITION_NAME = "nvs"
 """``NVS_DEFAULT_PART_NAME`` / ``ESP_RMAKER_NVS_PART_NAME``: where Wi-Fi, mapping and params live."""
 DEFAULT_MQTT_PORT = 8883
@@ -85,7 +84,7 @@ class NodeIdentity:
 
 def find_partition(partitions: tuple[PartitionEntry, ...], label: str) -> PartitionEntry | None:
     """The data/nvs partition named *label* (``esp_partition_find_first(DATA, NVS, label)``)."""
-    return next((p for p in partitions if p.label == label and p.type == DATA_TYPE and p.subtype == NVS_SUBTYPE), None)
+    return next((p for p in partitions if p.label == label and p.type == PartitionType.DATA and p.subtype == DataSubtype.NVS), None)
 
 
 def split_mqtt_host(value: str) -> tuple[str, int]:

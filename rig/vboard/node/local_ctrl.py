@@ -46,14 +46,11 @@ the LAN gets a session.
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from rig.protocomm.endpoints import Protocomm
-from rig.protocomm.httpd import HttpdError, ProtocommHttpd
 from rig.protocomm.messages import (
     LocalCtrlMessage,
     LocalCtrlMsgType,
@@ -65,13 +62,12 @@ from rig.protocomm.messages import (
 )
 from rig.protocomm.security import DEFAULT_SEC2_USERNAME, DeviceSecurity, DeviceSecurity1, DeviceSecurity2
 from rig.vboard.bootloader import LogMessage
-from rig.vboard.node.data_model import local_control_service
+from rig.vboard.node.data_model import SOURCE_LOCAL, local_control_service
 from rig.vboard.node.messages import TAG_APP
+from rig.vboard.node.protocomm_server import SEC2_PATCH_VERSION, ProtocommServer
 
 if TYPE_CHECKING:
     from rig.vboard.node.node import RainMakerNode
-
-log = logging.getLogger(__name__)
 
 HTTP_PORT = 8080
 """``CONFIG_ESP_RMAKER_LOCAL_CTRL_HTTP_PORT`` default."""
@@ -81,8 +77,6 @@ DEFAULT_SECURITY = 1
 """``CONFIG_ESP_RMAKER_LOCAL_CTRL_SECURITY`` default (``ESP_RMAKER_LOCAL_CTRL_SECURITY_1``)."""
 SECURITY_EXTRA_KEY = "local_ctrl_security"
 """Behaviour-manifest ``extra`` key an image sets to run security 2 instead."""
-SEC2_PATCH_VERSION = 1
-"""What the rig's protocomm security 2 announces (ESP-IDF with the nonce fix)."""
 NVS_NAMESPACE, NVS_POP_KEY = "local_ctrl", "pop"
 """``ESP_RMAKER_NVS_LOCAL_CTRL_NAMESPACE`` / ``ESP_RMAKER_NVS_LOCAL_CTRL_POP``."""
 POP_RANDOM_BYTES = 4
@@ -97,8 +91,6 @@ POP_GENERATED = LogMessage("I", TAG_LOCAL, "Couldn't find POP in NVS. Generating
 SERVICE_ENABLED = LogMessage("I", TAG_LOCAL, "Local Control Service Enabled")
 STARTING = LogMessage("I", TAG_LOCAL, "Starting ESP Local control with HTTP Transport and security version: {security}")
 STARTED = LogMessage("I", TAG_LOCAL, "esp_local_ctrl service started with name : {name}")
-SOURCE_LOCAL = "Local"
-"""``ESP_RMAKER_REQ_SRC_LOCAL`` as ``esp_rmaker_device_cb_src_to_str`` prints it."""
 APP_STARTED = LogMessage("I", TAG_APP, "Local Control Started.")
 """The switch example's echo of ``RMAKER_EVENT_LOCAL_CTRL_STARTED`` (idf-console.md §6.1)."""
 
@@ -195,21 +187,22 @@ class LocalControlEndpoints:
 
 
 
-class LocalControl:
+class LocalControl(ProtocommServer):
     """esp_local_ctrl of one boot: the PoP, the protocomm instance and its HTTP server."""
 
+    what = "local control"
+
     def __init__(self, node: RainMakerNode, pop: str, security: int, port: int = HTTP_PORT):
+        super().__init__(node.runtime, node.address, port, max_open_sockets=MAX_OPEN_SOCKETS)
         self.node = node
         self.pop = pop
         self.security = security
         self.no_pop = "local_ctrl_no_pop" in node.flaws
         self.endpoints = LocalControlEndpoints(node)
-        self.protocomm = Protocomm()
         device_security = self._device_security()
         self.protocomm.set_version(ENDPOINT_VERSION, version_json(security, device_security.patch_version))
         self.protocomm.set_security(ENDPOINT_SESSION, device_security)
         self.protocomm.add_endpoint(ENDPOINT_CONTROL, self.endpoints.control)
-        self.httpd = ProtocommHttpd(self.protocomm, node.address, port, max_open_sockets=MAX_OPEN_SOCKETS)
 
     @property
     def reported_pop(self) -> str:
@@ -220,12 +213,6 @@ class LocalControl:
         if self.security == 2:
             return DeviceSecurity2.from_pop(self.pop, DEFAULT_SEC2_USERNAME, patch_version=SEC2_PATCH_VERSION)
         return DeviceSecurity1("" if self.no_pop else self.pop)
-
-    def start(self) -> None:
-        self.httpd.start()
-
-    def close(self) -> None:
-        self.httpd.stop()
 
 
 def stored_pop(node: RainMakerNode) -> str:
@@ -257,12 +244,8 @@ def start_local_control(node: RainMakerNode, port: int = HTTP_PORT) -> LocalCont
     node.model.add_device(local_control_service(control.reported_pop, security, DEFAULT_SEC2_USERNAME if security == 2 else None))
     node.runtime.log(SERVICE_ENABLED)
     node.runtime.log(STARTING, security=security)
-    try:
-        control.start()
-    except (HttpdError, OSError) as exc:
-        log.error("virtual board %s: local control server on %s:%d: %s", node.platform.board, node.address, port, exc)
+    if not control.start():
         return None
-    node.runtime.track(control)
     node.runtime.log(STARTED, name=node.node_id)
     node.runtime.log(APP_STARTED)
     return control

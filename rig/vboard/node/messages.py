@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import ClassVar
 
+from rig.vboard.app import TAG_COMMON  # rmaker_common_cmds: the console's generic commands share it
+from rig.vboard.app import TAG_OTA as TAG_OTA_OPS  # esp_ota_ops
 from rig.vboard.bootloader import LogMessage
 
 TAG_NODE = "esp_rmaker_node"
@@ -47,14 +49,12 @@ TAG_TRANSPORT = "transport_base"
 TAG_MQTT_CLIENT = "mqtt_client"
 TAG_MAPPING = "esp_rmaker_user_mapping"
 TAG_COMMANDS = "esp_rmaker_commands"
-TAG_COMMON = "rmaker_common_cmds"
 TAG_PARAM = "esp_rmaker_param"
 TAG_CONNECTIVITY = "esp_rmaker_connectivity"
 TAG_OTA = "esp_rmaker_ota"
 TAG_OTA_TOPICS = "esp_rmaker_ota_using_topics"
 TAG_RMAKER_HTTPS_OTA = "esp_rmaker_https_ota"
 TAG_HTTPS_OTA = "esp_https_ota"
-TAG_OTA_OPS = "esp_ota_ops"
 TAG_RIG = "rig_vboard"
 """Lines only the virtual firmware prints (a manifest it refuses); never mistaken for ESP-IDF's."""
 
@@ -226,12 +226,12 @@ class NodeMsg:
         "E", TAG_OTA_OPS, "This a new partition can not be booted due to a secure version is lower than stored in efuse. "
         "Partition will be erased.")
 
-    # console: esp_rmaker_commands.c and rmaker_common_cmds.c (printf replies)
-    REGISTERING = LogMessage("I", TAG_COMMANDS, "Registering command: {name}")
-    REGISTERING_COMMON = LogMessage("I", TAG_COMMON, "Registering command: {name}")
+    # console: esp_rmaker_commands.c and rmaker_common_cmds.c (printf replies; each registration's
+    # "Registering command" line is rig.vboard.app's Msg.REGISTERING, logged by ConsoleCommands.register)
     CMD_NODE_ID = TAG_COMMANDS + ": Node ID: {node_id}\n"
     CMD_START_MAPPING = TAG_COMMANDS + ": Starting user-node mapping\n"
     CMD_INVALID_USAGE = TAG_COMMANDS + ": Invalid Usage.\n"
+    CMD_WIFI_CONFIG_FAILED = TAG_COMMANDS + ": Failed to set WiFi configuration\n"
     CMD_SET_PARAM = TAG_COMMANDS + ": Successfully set {device}.{param} to {value} (with callback)\n"
     CMD_UPDATE_PARAM = TAG_COMMANDS + ": Successfully updated {device}.{param} to {value} (no callback)\n"
     CMD_GET_PARAM = TAG_COMMANDS + ": {device}.{param} = {value}\n"

@@ -38,14 +38,19 @@ from typing import Any
 
 from rig.cloud.fctry import NvsType
 from rig.firmware.behaviour import BehaviourManifest
+from rig.protocomm.messages import WifiConnectFailedReason, WifiStationState
 from rig.vboard.app import AppContext, AppExit, panic_report
 from rig.vboard.flaws import UnknownFlawError, check_flaws
 from rig.vboard.node.boot_confirm import BootConfirmation
-from rig.vboard.node.cloud_link import PLAINTEXT_PORT, CloudLink, LinkSettings, aws_ppi
+from rig.vboard.node.cloud_link import LWT_MESSAGE, PLAINTEXT_PORT, CloudLink, LinkSettings, aws_ppi
 from rig.vboard.node.data_model import (
     CONNECTED_PARAM,
     CONNECTIVITY_SERVICE,
+    NAME_PARAM_TYPE,
     POWER_PARAM,
+    SOURCE_CLOUD,
+    SOURCE_INIT,
+    SOURCE_LOCAL,
     Device,
     MalformedParams,
     NodeModel,
@@ -67,17 +72,16 @@ from rig.vboard.node.messages import NodeMsg
 from rig.vboard.node.nvs_store import PARAM_VAL_LAYOUT, NvsStore
 from rig.vboard.node.ota_client import OTA_FETCH_DELAY_S, OtaClient, OtaSettings, ota_reboot_delay
 from rig.vboard.node.ota_status import OtaReporter
+from rig.vboard.node.prov_transport import EXAMPLE_POP
 from rig.vboard.node.provisioning import ProvisioningService
 from rig.vboard.node.runtime import NodeRuntime, WorkQueue
 from rig.vboard.node.user_mapping import MappingState, UserMapping
-from rig.vboard.node.wifi_station import NETMASK, FailReason, StationState, StationStatus, WifiStation
+from rig.vboard.node.wifi_station import NETMASK, PASSPHRASE_MAX, SSID_MAX, StationStatus, WifiStation
 
 log = logging.getLogger(__name__)
 
 WIFI_NAMESPACE = "nvs.net80211"
 WIFI_SSID_KEY, WIFI_PSWD_KEY = "sta.ssid", "sta.pswd"
-WIFI_SSID_FIELD, WIFI_PSWD_FIELD = 32, 64
-"""``wifi_sta_config_t``: ``uint8_t ssid[32]``, ``uint8_t password[64]``."""
 WIFI_RETRY_S = 5.0
 """Between a failed join and ``Disconnected. Connecting to the AP again...`` (a scan and an
 authentication attempt on the chip)."""
@@ -87,8 +91,6 @@ RESET_DELAY_S = 2
 REBOOT_DELAY_S = 2
 """``reset-to-factory``: ``esp_rmaker_factory_reset(2, 2)`` (rmaker_common_cmds.c); ``wifi-reset``
 uses ``esp_rmaker_wifi_reset(0, 2)`` as the examples' reset button does."""
-SOURCE_INIT, SOURCE_CLOUD, SOURCE_LOCAL = "Init", "Cloud", "Local"
-"""``esp_rmaker_device_cb_src_to_str``."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ AP switch state), as Espressif's nvs_partition_gen writes them after ``sta.ssid`
 def wifi_blobs(ssid: bytes, passphrase: bytes) -> tuple[bytes, bytes]:
     """``sta.ssid`` (u32 length + 32 bytes) and ``sta.pswd`` (64 bytes), zero padded, as
     ``esp_wifi_set_config`` stores them (``blob_sz_fill(32;0x00)``, ``blob_fill(64;0x00)``)."""
-    return struct.pack("<I", len(ssid)) + ssid.ljust(WIFI_SSID_FIELD, b"\0"), passphrase.ljust(WIFI_PSWD_FIELD, b"\0")
+    return struct.pack("<I", len(ssid)) + ssid.ljust(SSID_MAX, b"\0"), passphrase.ljust(PASSPHRASE_MAX, b"\0")
 
 
 def wifi_nvs_items(ssid: bytes, passphrase: bytes) -> list[tuple[str, NvsType, bytes]]:
@@ -133,16 +135,12 @@ def stored_wifi(nvs: NvsStore) -> tuple[bytes, bytes] | None:
     raw_ssid = nvs.get(WIFI_NAMESPACE, WIFI_SSID_KEY)
     if raw_ssid is None or len(raw_ssid) < 4:
         return None
-    length = min(struct.unpack_from("<I", raw_ssid)[0], WIFI_SSID_FIELD)
+    length = min(struct.unpack_from("<I", raw_ssid)[0], SSID_MAX)
     ssid = raw_ssid[4 : 4 + length]
     if not ssid:
         return None
     passphrase = (nvs.get(WIFI_NAMESPACE, WIFI_PSWD_KEY) or b"").split(b"\0", 1)[0]
     return ssid, passphrase
-
-
-STATIC_POP = "abcd1234"
-"""The PoP of ESP-IDF's and RainMaker's example code, shipped unchanged by the ``static_pop`` flaw."""
 
 
 class RainMakerNode:
@@ -170,7 +168,6 @@ class RainMakerNode:
         self.work: WorkQueue | None = None
         self.confirmation: BootConfirmation | None = None
         self.ota: OtaClient | None = None
-        self.network_up = threading.Event()
         self._lock = threading.Lock()
         self._failed_config: object = None
         self._cloud_started = False
@@ -190,7 +187,7 @@ class RainMakerNode:
         """``POP_TYPE_RANDOM`` from fctry; the flaws ``static_pop`` (Espressif's example PoP on
         every device) and ``pop_from_mac`` (``POP_TYPE_MAC``: MAC bytes 2..5) replace it."""
         if "static_pop" in self.flaws:
-            return STATIC_POP
+            return EXAMPLE_POP
         if "pop_from_mac" in self.flaws:
             return self.platform.mac[2:6].hex()
         return None if self.identity is None else self.identity.pop
@@ -282,7 +279,7 @@ class RainMakerNode:
         self._load_persisted()
         self.runtime.log(NodeMsg.OTA_ENABLED)
         self.runtime.log(NodeMsg.LWT_TOPIC, topic=f"node/{identity.node_id}/params/local")
-        self.runtime.log(NodeMsg.LWT_MESSAGE, message='{"Connectivity":{"Connected":false}}')
+        self.runtime.log(NodeMsg.LWT_MESSAGE, message=LWT_MESSAGE)
         self.runtime.log(NodeMsg.CONNECTIVITY_ENABLED)
         self.mapping = UserMapping(self.runtime, self.nvs, identity.node_id, self._publish, self._mapping_done)
         settings = LinkSettings(
@@ -346,7 +343,7 @@ class RainMakerNode:
             if value is None:
                 continue
             self.model.set_value(param, value)
-            if param.type != "esp.param.name" and not device.is_service:
+            if _has_write_callback(device, param):
                 self._write_callback(device, param, value, SOURCE_INIT, report=False)
         self.nvs.commit()
 
@@ -376,19 +373,18 @@ class RainMakerNode:
 
     def _join_outcome(self, status: StationStatus) -> None:
         """``WIFI_EVENT_STA_DISCONNECTED`` / ``IP_EVENT_STA_GOT_IP`` (on the station task)."""
-        if status.state is StationState.CONNECTED:
+        if status.state is WifiStationState.Connected:
             self.runtime.log(NodeMsg.STA_IP, ip=self.address, mask=NETMASK, gw=self.wifi.gateway)
             self.runtime.log(NodeMsg.CONNECTED_IP, ip=self.address)
             if self.provisioning is not None and self.provisioning.active:
                 self.on_provisioned()
-            self.network_up.set()
             self._wake.set()
             self._start_cloud()
             return
         config = self.wifi.config
         if self.provisioning is not None and self.provisioning.active and config is not self._failed_config:
             self._failed_config = config  # the manager reports a failure once per set of credentials
-            reason = NodeMsg.FAIL_REASON_AUTH if status.fail_reason is FailReason.AUTH_ERROR else NodeMsg.FAIL_REASON_NOT_FOUND
+            reason = NodeMsg.FAIL_REASON_AUTH if status.fail_reason is WifiConnectFailedReason.AuthError else NodeMsg.FAIL_REASON_NOT_FOUND
             self.runtime.log(NodeMsg.PROVISIONING_FAILED, reason=reason)
         self.runtime.after(WIFI_RETRY_S, "wifi_retry", lambda: self._retry_join(config))
 
@@ -502,20 +498,20 @@ class RainMakerNode:
             log.info("virtual board %s: dropped params write: %s", self.platform.board, exc)
             return False
         for device, param, value in writes:
-            if param.type == "esp.param.name" or device.is_service:
-                self.update_param(device, param, value, report=False)
-            else:
+            if _has_write_callback(device, param):
                 self._write_callback(device, param, value, source, report=False)
+            else:
+                self.update_param(device, param, value, report=False)
         self._flush_reports()
         return True
 
     def set_param_locally(self, device: Device, param: Param, value: Any) -> None:
         """A write from the node itself (console ``set-param``): through the device callback,
         source ``Local``, then reported."""
-        if param.type == "esp.param.name" or device.is_service:
-            self.update_param(device, param, value)
-        else:
+        if _has_write_callback(device, param):
             self._write_callback(device, param, value, SOURCE_LOCAL)
+        else:
+            self.update_param(device, param, value)
 
     def _write_callback(self, device: Device, param: Param, value: Any, source: str, *, report: bool = True) -> None:
         """The switch example's ``write_cb``."""
@@ -597,6 +593,12 @@ class RainMakerNode:
 def _port(value: object, default: int) -> int:
     """A TCP port from the behaviour manifest's ``extra`` (an image's own setting), else *default*."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536 else default
+
+
+def _has_write_callback(device: Device, param: Param) -> bool:
+    """Whether a write goes through the switch example's ``write_cb``; a service's params and the
+    name param are applied by RainMaker's core, which the node models as store and report."""
+    return not device.is_service and param.type != NAME_PARAM_TYPE
 
 
 def _text(value: Any) -> str:

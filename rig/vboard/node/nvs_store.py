@@ -13,7 +13,7 @@ What the node keeps there (namespaces and keys as ESP-IDF and RainMaker use them
   (``esp_rmaker_param_store_value`` in ``src/core/esp_rmaker_param.c``).
 
 Layout: the page header, entry, varLength and blobIndex structures are
-``rig.cloud.fctry``'s layouts (declared once). :func:`build_nvs_image` places items the
+``rig.cloud.fctry``'s layouts and CRC helpers (declared once). :func:`build_nvs_image` places items the
 way Espressif's ``esp-idf-nvs-partition-gen`` does for format version 2 (a namespace's
 U8 entry before its first key, strings as ``SZ`` with their NUL, blobs as data chunks
 plus an index, a page changing to FULL when the next item does not fit, the last page
@@ -26,7 +26,6 @@ on flash after a commit is what ESP-IDF reads back.
 from __future__ import annotations
 
 import threading
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,11 +39,15 @@ from rig.cloud.fctry import (
     NVS_ENTRY_LAYOUT,
     NVS_PAGE_HEADER_LAYOUT,
     NVS_VARLEN_LAYOUT,
+    NVS_VERSION_2,
     PAGE_ACTIVE,
     PAGE_FULL,
     PAGE_SIZE,
     PRIMITIVE_TYPES,
     NvsType,
+    entry_crc32,
+    nvs_crc32,
+    page_header_crc32,
     read_nvs_items,
 )
 from rig.firmware.errors import FirmwareFormatError
@@ -60,7 +63,6 @@ __all__ = [
     "build_nvs_image",
 ]
 
-NVS_VERSION_2 = 0xFE
 MAX_KEY_LEN = 15
 MAX_NAMESPACES = 254
 
@@ -99,10 +101,6 @@ class NvsValue:
             raise ValueError(f"NVS format 2 writes {self.type.name} items only as SZ or blobs (BLOB_DATA)")
 
 
-def _crc(data: bytes) -> int:
-    return zlib.crc32(data, 0xFFFFFFFF)
-
-
 class _Page:
     """One 4 KB page being filled (``Page`` in nvs_partition_gen)."""
 
@@ -113,8 +111,7 @@ class _Page:
         body = NVS_PAGE_HEADER_LAYOUT.pack(
             {"state": PAGE_ACTIVE, "seq_no": seq, "version": NVS_VERSION_2, "reserved": reserved, "crc32": 0}
         )
-        crc = _crc(body[4:28])
-        self.buf[0:32] = body[:28] + crc.to_bytes(4, "little")
+        self.buf[0:32] = body[:28] + page_header_crc32(body).to_bytes(4, "little")
 
     def mark_full(self) -> None:
         self.buf[0:4] = PAGE_FULL.to_bytes(4, "little")
@@ -134,12 +131,11 @@ def _entry(ns: int, item_type: NvsType, span: int, chunk: int, key: str, data: b
         {"ns": ns, "type": int(item_type), "span": span, "chunk_index": chunk, "crc32": 0,
          "key": key.encode().ljust(16, b"\0"), "data": data}
     )  # fmt: skip
-    crc = _crc(raw[0:4] + raw[8:32])
-    return raw[:4] + crc.to_bytes(4, "little") + raw[8:]
+    return raw[:4] + entry_crc32(raw).to_bytes(4, "little") + raw[8:]
 
 
 def _varlen(size: int, payload: bytes) -> bytes:
-    return NVS_VARLEN_LAYOUT.pack({"size": size, "reserved": 0xFFFF, "data_crc32": _crc(payload)})
+    return NVS_VARLEN_LAYOUT.pack({"size": size, "reserved": 0xFFFF, "data_crc32": nvs_crc32(payload)})
 
 
 class _ImageWriter:

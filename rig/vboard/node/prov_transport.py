@@ -27,9 +27,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from rig.protocomm.endpoints import Protocomm, provisioning_version
+from rig.protocomm.endpoints import provisioning_version
 from rig.protocomm.errors import SecurityRefusal
-from rig.protocomm.httpd import ProtocommHttpd
 from rig.protocomm.messages import (
     RespApplyConfig,
     RespCtrlReprov,
@@ -53,9 +52,11 @@ from rig.protocomm.messages import (
     WiFiScanMsgType,
     WiFiScanPayload,
     WiFiScanResult,
+    WifiStationState,
 )
 from rig.protocomm.security import DeviceSecurity, DeviceSecurity0, DeviceSecurity1, DeviceSecurity2, SecurityEvent
-from rig.vboard.node.wifi_station import StationState
+from rig.vboard.node.protocomm_server import SEC2_PATCH_VERSION, ProtocommServer
+from rig.vboard.node.wifi_station import PASSPHRASE_MAX, SSID_MAX
 
 if TYPE_CHECKING:
     from rig.vboard.node.provisioning import ProvisioningService
@@ -66,9 +67,9 @@ PROV_VERSION = "v1.1"
 """``wifi_prov_mgr``'s version string (IDF v5.4 ``manager.c``)."""
 RMAKER_APP_INFO = {"rmaker": {"ver": "1.0", "cap": ["wifi_scan"]}}
 """``wifi_prov_mgr_set_app_info("rmaker", "1.0", …)`` as RainMaker's app_network sets it."""
-SEC2_PATCH_VERSION = 1
 EXAMPLE_POP = "abcd1234"
-"""The PoP in ESP-IDF's and RainMaker's example code, the one a leftover fallback accepts."""
+"""The PoP in ESP-IDF's and RainMaker's example code, the one a leftover fallback accepts (and
+the ``static_pop`` flaw ships)."""
 
 
 class FallbackPopSecurity1(DeviceSecurity1):
@@ -124,7 +125,7 @@ class ProvisioningEndpoints:
             return WiFiConfigPayload(msg=WiFiConfigMsgType.TypeRespGetStatus, resp_get_status=self._status()).encode()
         if req.msg == WiFiConfigMsgType.TypeCmdSetConfig and req.cmd_set_config is not None:
             cmd = req.cmd_set_config
-            ok = 0 < len(cmd.ssid) <= 32 and len(cmd.passphrase) <= 64
+            ok = 0 < len(cmd.ssid) <= SSID_MAX and len(cmd.passphrase) <= PASSPHRASE_MAX
             if ok:
                 with self._lock:
                     self._pending = (bytes(cmd.ssid), bytes(cmd.passphrase))
@@ -144,7 +145,7 @@ class ProvisioningEndpoints:
         which stops the service after the cleanup delay (esp-idf ``wifi_provisioning/src/handlers.c``):
         the client that read Connected ends provisioning, not the join itself."""
         status = self.node.wifi.status()
-        if status.state is StationState.CONNECTED and status.connected is not None:
+        if status.state is WifiStationState.Connected and status.connected is not None:
             info = status.connected
             connected = WifiConnectedState(ip4_addr=info.ip4_addr, auth_mode=int(info.auth_mode), ssid=info.ssid,
                                            bssid=info.bssid, channel=info.channel)  # fmt: skip
@@ -211,24 +212,25 @@ class ProvisioningEndpoints:
         return RMakerConfigPayload(msg=RMakerConfigMsgType.TypeRespSetUserMapping, resp_set_user_mapping=resp).encode()
 
 
-class ProvisioningTransport:
+class ProvisioningTransport(ProtocommServer):
     """Protocomm with the provisioning endpoints, served over HTTP on the node's address."""
 
+    what = "provisioning"
+
     def __init__(self, service: ProvisioningService, port: int):
+        super().__init__(service.node.runtime, service.node.address, port)
         self.service = service
         self.endpoints = ProvisioningEndpoints(service)
         self.security_version, security = device_security(service, self._on_event)
-        self.protocomm = Protocomm()
         caps = ["wifi_scan"] if self.security_version else ["no_sec", "wifi_scan"]
         self.protocomm.set_version("proto-ver", provisioning_version(
-            PROV_VERSION, self.security_version, SEC2_PATCH_VERSION if self.security_version == 2 else None, caps, RMAKER_APP_INFO,
+            PROV_VERSION, self.security_version, security.patch_version if self.security_version == 2 else None, caps, RMAKER_APP_INFO,
         ))  # fmt: skip
         self.protocomm.set_security("prov-session", security)
         self.protocomm.add_endpoint("prov-config", self.endpoints.prov_config)
         self.protocomm.add_endpoint("prov-scan", self.endpoints.prov_scan)
         self.protocomm.add_endpoint("prov-ctrl", self.endpoints.prov_ctrl)
         self.protocomm.add_endpoint("cloud_user_assoc", self.endpoints.cloud_user_assoc)
-        self.httpd = ProtocommHttpd(self.protocomm, service.node.address, port)
 
     def _on_event(self, event: SecurityEvent) -> None:
         if event is SecurityEvent.SETUP_OK:
@@ -237,9 +239,3 @@ class ProvisioningTransport:
             self.service.pop_mismatch(2)
         elif event is SecurityEvent.INVALID_SECURITY_PARAMS:
             self.service.pop_mismatch(1)
-
-    def start(self) -> None:
-        self.httpd.start()
-
-    def close(self) -> None:
-        self.httpd.stop()

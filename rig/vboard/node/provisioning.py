@@ -29,10 +29,10 @@ join, or :data:`STOP_DELAY_S` after a client read the Connected status (``wifi_p
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from typing import TYPE_CHECKING
 
+from rig.protocomm.security import DEFAULT_SEC2_USERNAME
 from rig.vboard.bootloader import LogMessage
 from rig.vboard.node.messages import TAG_NETWORK, NodeMsg
 
@@ -40,12 +40,8 @@ if TYPE_CHECKING:
     from rig.vboard.node.node import RainMakerNode
     from rig.vboard.node.prov_transport import ProvisioningTransport
 
-log = logging.getLogger(__name__)
-
 TRANSPORT = "softap"
 PROV_QR_VERSION = "v1"
-SEC2_USERNAME = "wifiprov"
-"""The SRP6a user name RainMaker's security 2 uses (rainmaker-protocol.md §4.6)."""
 QR_ECC_LEVEL = 0
 QR_MAX_VERSION = 5
 """``esp_qrcode_config_t``: ECC low, ``max_qrcode_version = 5`` in ``qrcode_display``."""
@@ -75,7 +71,7 @@ def qr_payload(service_name: str, pop: str | None, security: int, transport: str
     """``app_network_print_qr``'s JSON, exact key order, no spaces."""
     payload: dict[str, str] = {"ver": PROV_QR_VERSION, "name": service_name}
     if security == 2:
-        payload["username"] = SEC2_USERNAME
+        payload["username"] = DEFAULT_SEC2_USERNAME  # the SRP6a user of RainMaker's security 2 (§4.6)
     if pop is not None and security != 0:
         payload["pop"] = pop
     payload["transport"] = transport
@@ -164,18 +160,15 @@ class ProvisioningService:
     def start_transport(self) -> None:
         """Start the protocomm HTTP server on ``(node.address, HTTP_PORT)`` with the
         provisioning endpoints (:mod:`rig.vboard.node.prov_transport`); the runtime tracks
-        it, so a reset closes it and drops every client."""
+        it, so a reset closes it and drops every client. One that cannot listen is logged
+        (:class:`rig.vboard.node.protocomm_server.ProtocommServer`) and provisioning runs on
+        without a transport."""
         from rig.vboard.node.prov_transport import ProvisioningTransport
 
         transport = ProvisioningTransport(self, HTTP_PORT)
-        try:
-            transport.start()
-        except OSError as exc:
-            log.error("virtual board %s: provisioning server on %s:%d: %s", self.node.platform.board, self.node.address, HTTP_PORT, exc)
-            return
-        with self._lock:
-            self._transport = transport
-        self.node.runtime.track(transport)
+        if transport.start():
+            with self._lock:
+                self._transport = transport
 
     def stop_transport(self) -> None:
         """Stop what :meth:`start_transport` started."""

@@ -107,12 +107,14 @@ class NodeRuntime:
             if item in self._closables:
                 self._closables.remove(item)
 
-    def bound_socket(self, address: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
-        """A tracked IPv4 socket bound to the board's *address* (any port): every connection
-        the node opens leaves from its own address."""
+    def bound_socket(self, address: str, port: int = 0, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A tracked IPv4 socket bound to the board's *address* (*port* 0: any port): every
+        connection the node opens leaves from its own address, and every service it runs
+        listens there. ``SO_REUSEADDR`` lets the next boot listen on the same port at once."""
         sock = socket.socket(socket.AF_INET, kind)
         try:
-            sock.bind((address, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
         except OSError:
             sock.close()
             raise

@@ -17,33 +17,20 @@ the AP again...``), which :class:`rig.vboard.node.node.RainMakerNode` does.
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rig.boards.virtual_ports import RadioNetwork, read_radio_file
-from rig.protocomm.messages import WifiAuthMode  # wifi_constants.proto: declared once, there
+from rig.protocomm.messages import WifiAuthMode, WifiConnectFailedReason, WifiStationState  # wifi_constants.proto: declared once, there
 from rig.vboard.node.runtime import NodeRuntime
 
 ASSOCIATION_S = 0.3
 """Scan + association + 4-way handshake + DHCP on a quiet channel."""
-SSID_MAX = 32
-PASSPHRASE_MAX = 64
+SSID_MAX, PASSPHRASE_MAX = 32, 64
+"""``wifi_sta_config_t``: ``uint8_t ssid[32]``, ``uint8_t password[64]``."""
 NETMASK = "255.255.255.0"
-
-
-class StationState(enum.IntEnum):
-    CONNECTED = 0
-    CONNECTING = 1
-    DISCONNECTED = 2
-    CONNECTION_FAILED = 3
-
-
-class FailReason(enum.IntEnum):
-    AUTH_ERROR = 0
-    NETWORK_NOT_FOUND = 1
 
 
 AUTH_MODES = {
@@ -80,8 +67,8 @@ class ConnectedInfo:
 class StationStatus:
     """``RespGetStatus``: the state, and the failure reason or the connection."""
 
-    state: StationState
-    fail_reason: FailReason | None = None
+    state: WifiStationState
+    fail_reason: WifiConnectFailedReason | None = None
     connected: ConnectedInfo | None = None
 
 
@@ -117,7 +104,7 @@ class WifiStation:
         self.address = address
         self._lock = threading.Lock()
         self._config: StationConfig | None = None
-        self._status = StationStatus(StationState.DISCONNECTED)
+        self._status = StationStatus(WifiStationState.Disconnected)
         self._attempt = 0
         self._listeners: list[JoinListener] = []
 
@@ -152,7 +139,7 @@ class WifiStation:
         with self._lock:
             self._config = config
             self._attempt += 1
-            self._status = StationStatus(StationState.DISCONNECTED)
+            self._status = StationStatus(WifiStationState.Disconnected)
         return config
 
     def add_listener(self, listener: JoinListener) -> None:
@@ -168,7 +155,7 @@ class WifiStation:
                 return False
             self._attempt += 1
             attempt = self._attempt
-            self._status = StationStatus(StationState.CONNECTING)
+            self._status = StationStatus(WifiStationState.Connecting)
         self.runtime.spawn("wifi_join", lambda: self._join(config, attempt))
         return True
 
@@ -176,7 +163,7 @@ class WifiStation:
         """``esp_wifi_disconnect`` / ``esp_wifi_stop``: drop the link, forget any join in progress."""
         with self._lock:
             self._attempt += 1
-            self._status = StationStatus(StationState.DISCONNECTED)
+            self._status = StationStatus(WifiStationState.Disconnected)
 
     def status(self) -> StationStatus:
         with self._lock:
@@ -184,7 +171,7 @@ class WifiStation:
 
     @property
     def connected(self) -> bool:
-        return self.status().state is StationState.CONNECTED
+        return self.status().state is WifiStationState.Connected
 
     def _join(self, config: StationConfig, attempt: int) -> None:
         if not self.runtime.sleep(ASSOCIATION_S):
@@ -202,13 +189,13 @@ class WifiStation:
         matches = [n for n in self._air() if n.ssid.encode() == config.ssid
                    and (config.bssid is None or _bssid_bytes(n.bssid) == config.bssid)]  # fmt: skip
         if not matches:
-            return StationStatus(StationState.CONNECTION_FAILED, FailReason.NETWORK_NOT_FOUND)
+            return StationStatus(WifiStationState.ConnectionFailed, WifiConnectFailedReason.NetworkNotFound)
         ap = max(matches, key=lambda n: n.rssi)
         auth = AUTH_MODES.get(ap.auth, WifiAuthMode.WPA2_PSK)
         if auth is not WifiAuthMode.Open and ap.passphrase.encode() != config.passphrase:
-            return StationStatus(StationState.CONNECTION_FAILED, FailReason.AUTH_ERROR)
+            return StationStatus(WifiStationState.ConnectionFailed, WifiConnectFailedReason.AuthError)
         info = ConnectedInfo(self.address, auth, config.ssid, _bssid_bytes(ap.bssid), ap.channel)
-        return StationStatus(StationState.CONNECTED, connected=info)
+        return StationStatus(WifiStationState.Connected, connected=info)
 
     @property
     def gateway(self) -> str:
