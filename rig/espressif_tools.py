@@ -27,7 +27,7 @@ from pathlib import Path
 
 TOOLS = ("esptool", "espefuse", "espsecure")
 PORT_TOOLS = ("esptool", "espefuse")
-"""Tools that open a serial port; they run through :data:`TOOL_RUNNER`."""
+"""Tools that open a serial port (espsecure works on files only); they run through :data:`TOOL_RUNNER`."""
 TOOL_RUNNER = "rig.boards.tool_runner"
 
 

@@ -82,7 +82,7 @@ def test_rfc2217_urls_resolve_to_the_rig_client_and_other_schemes_stay_pyserials
     serial_url_handlers.install()
     serial_url_handlers.install()  # idempotent: listed once, first
     assert serial.protocol_handler_packages.count(serial_url_handlers.PACKAGE) == 1
-    assert serial_url_handlers.installed()
+    assert serial.protocol_handler_packages[0] == serial_url_handlers.PACKAGE
     assert type(serial.serial_for_url("rfc2217://127.0.0.1:1", do_not_open=True)) is protocol_rfc2217.Serial
     assert type(serial.serial_for_url("loop://", do_not_open=True)).__module__ == "serial.urlhandler.protocol_loop"
     assert issubclass(protocol_rfc2217.Serial, rfc2217.Serial)

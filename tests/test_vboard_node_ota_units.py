@@ -38,31 +38,12 @@ from rig.vboard.node.ota_client import OTA_MAX_RETRIES, OtaClient, OtaSettings
 from rig.vboard.node.ota_status import OTA_JOB_KEY, OTA_NVS_NAMESPACE, OTA_UPDATE_FLAG_KEY, OtaReporter
 from rig.vboard.node.runtime import NodeRuntime, WorkQueue
 from tests.signing_keys import InProcessSigner, KeyPair
+from tests.test_vboard_node_units import QuietConsole
 
 MAC = bytes.fromhex("58cf79a1b2c3")
 ADDRESS = "127.0.1.77"
 OTA_0, OTA_1, OTADATA = RAINMAKER_4MB["ota_0"].offset, RAINMAKER_4MB["ota_1"].offset, RAINMAKER_4MB["otadata"].offset
 WAIT_S = 20.0
-
-
-class LineConsole:
-    """A console recording log lines as ``L tag: text``."""
-
-    def __init__(self) -> None:
-        self.stopping = threading.Event()
-        self.lines: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.lines.append(text)
-
-    def read_line(self, timeout: float) -> str | None:
-        return None
-
-    def uptime_ms(self) -> int:
-        return 0
-
-    def log(self, level: str, tag: str, text: str) -> None:
-        self.lines.append(f"{level} {tag}: {text}")
 
 
 def _key(root: Path, name: str) -> KeyPair:
@@ -166,7 +147,7 @@ class Board:
         if self.runtime is not None:
             self.runtime.halt()
             assert self.runtime.join() == []
-        self.console = LineConsole()
+        self.console = QuietConsole()  # records log lines as ``L tag: text``
         outcome = run_bootloader(self.flash, self.efuse, self.console)
         assert not outcome.halted, outcome.reason
         self.ctx = AppContext(outcome, self.flash, self.efuse, self.console, ConsoleCommands(self.console))  # type: ignore[arg-type]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -183,25 +182,9 @@ def test_a_board_boots_the_hsm_set_only_with_the_hsm_keys_digest_burned(
         hsm_set: tuple[FirmwareSet, SoftHsmToken], vset: tuple[FirmwareSet, Path], tmp_path: Path) -> None:
     """The eFuse setup a lab derives from the set (its public key's digest) is the one its bootloader needs."""
     from rig.vboard.bootloader import run_bootloader
-    from rig.vboard.console import format_log_line
     from rig.vboard.efuse import EfuseController
     from rig.vboard.flash import FlashStorage
-
-    class RecordingConsole:  # rig.vboard.console.BoardConsole; the bootloader only writes
-        stopping = threading.Event()
-        text = ""
-
-        def write(self, text: str) -> None:
-            self.text += text
-
-        def read_line(self, timeout: float) -> str | None:
-            return None
-
-        def uptime_ms(self) -> int:
-            return 0
-
-        def log(self, level: object, tag: str, text: str) -> None:
-            self.write(format_log_line(level, 0, tag, text))  # type: ignore[arg-type]
+    from tests.test_vboard_bootloader import RecordingConsole
 
     fs, _ = hsm_set
     for name, digest, boots in (("hsm", set_key_digest(fs.root), True), ("file", set_key_digest(vset[0].root), False)):

@@ -26,9 +26,8 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 from rig.boards import serial_url_handlers
+from rig.espressif_tools import PORT_TOOLS
 
-PORT_TOOLS = ("esptool", "espefuse")
-"""The Espressif tools that open a serial port (espsecure works on files only)."""
 USAGE_EXIT = 2
 
 

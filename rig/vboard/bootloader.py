@@ -748,9 +748,13 @@ def _align_up(value: int, align: int) -> int:
 
 
 def _load_image(flash: FlashStorage, part: PartitionEntry, efuse: BootEfuses, log: _ImageLog,
-                loader: Collection[tuple[int, int]], block_rev: tuple[int, int], *, do_load: bool) -> _Loaded:
-    """``image_load`` (``esp_image_format.c``) on *part*: raises :class:`_Reject` after logging."""
-    secure_boot = efuse.secure_boot_enabled
+                loader: Collection[tuple[int, int]], block_rev: tuple[int, int], *, do_load: bool,
+                signed_by: Sequence[bytes | None] | None = None) -> _Loaded:
+    """``image_load`` (``esp_image_format.c``) on *part*: raises :class:`_Reject` after logging.
+
+    The signature is checked against the eFuse key digests when Secure Boot is enabled, or
+    against *signed_by* when given (see :func:`verify_app_partition`)."""
+    secure_boot = efuse.secure_boot_enabled or signed_by is not None
     start = part.offset
     if part.size > SIXTEEN_MB:
         log(Msg.PART_TOO_BIG, size=part.size)
@@ -848,8 +852,11 @@ def _load_image(flash: FlashStorage, part: PartitionEntry, efuse: BootEfuses, lo
     if signed is None:
         log(Msg.MMAP_FAILED, addr=start + end, size=SIGNATURE_SECTOR_SIZE)
         raise _Reject("flash_read")
-    digests = list(efuse.secure_boot_digests())[: ESP32C3.sbv2_max_signature_blocks]
-    revoked = {slot for slot in efuse.revoked_digest_slots if 0 <= slot < ESP32C3.sbv2_max_signature_blocks}
+    if signed_by is None:
+        digests = list(efuse.secure_boot_digests())[: ESP32C3.sbv2_max_signature_blocks]
+        revoked = {slot for slot in efuse.revoked_digest_slots if 0 <= slot < ESP32C3.sbv2_max_signature_blocks}
+    else:
+        digests, revoked = list(signed_by), set()
     verdict = verify_signed_image(signed, digests, revoked)
     for line in verdict.log:
         log.raw(line.level, line.tag, line.text)  # type: ignore[arg-type]
@@ -884,10 +891,16 @@ def _loader_regions(flash: FlashStorage) -> list[tuple[int, int]]:
     return regions
 
 
-def verify_app_partition(flash: FlashStorage, part: PartitionEntry, efuse: BootEfuses) -> bool:
-    """``image_validate(partition, ESP_IMAGE_VERIFY_SILENT)`` as the app does it (no output)."""
+def verify_app_partition(flash: FlashStorage, part: PartitionEntry, efuse: BootEfuses, *,
+                         signed_by: Sequence[bytes | None] | None = None) -> bool:
+    """``image_validate(partition, ESP_IMAGE_VERIFY_SILENT)`` as the app does it (no output).
+
+    *signed_by*: an app built with ``CONFIG_SECURE_SIGNED_ON_UPDATE`` on a chip without Secure
+    Boot checks the signature all the same, trusting the key digests of the running app's
+    signature blocks (``esp_secure_boot_get_signature_blocks_for_running_app``) instead of
+    the eFuse's; pass those digests (no valid one: the image is refused)."""
     try:
-        _load_image(flash, part, efuse, _ImageLog(None), (), efuse_block_revision(efuse), do_load=False)
+        _load_image(flash, part, efuse, _ImageLog(None), (), efuse_block_revision(efuse), do_load=False, signed_by=signed_by)
     except _Reject:
         return False
     return True

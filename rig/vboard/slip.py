@@ -120,11 +120,8 @@ class SlipDecoder:
             else:  # _ESCAPING
                 byte = data[i]
                 i += 1
-                if byte == ESC_END:
-                    self._buf.append(END)
-                    self._state = self._IN
-                elif byte == ESC_ESC:
-                    self._buf.append(ESC)
+                if byte in _ESCAPED:
+                    self._buf.append(_ESCAPED[byte])
                     self._state = self._IN
                 else:
                     self.stats.bad_escapes += 1

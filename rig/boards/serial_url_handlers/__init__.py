@@ -20,7 +20,3 @@ def install() -> None:
     if PACKAGE in serial.protocol_handler_packages:
         serial.protocol_handler_packages.remove(PACKAGE)
     serial.protocol_handler_packages.insert(0, PACKAGE)
-
-
-def installed() -> bool:
-    return bool(serial.protocol_handler_packages) and serial.protocol_handler_packages[0] == PACKAGE

@@ -72,10 +72,9 @@ OTA_MAX_RETRIES = 3
 """``CONFIG_ESP_RMAKER_OTA_MAX_RETRIES`` default."""
 OTA_RETRY_DELAY_S = 5 * 60
 """``CONFIG_ESP_RMAKER_OTA_RETRY_DELAY_MINUTES`` as the virtual firmware sets it."""
-OTA_REBOOT_TIMER_S = 10
-"""``OTA_REBOOT_TIMER_SEC``: real RainMaker firmware."""
 VIRTUAL_REBOOT_DELAY_S = 2
-"""The virtual firmware's reboot delay after a download (short, so labs wait less)."""
+"""The virtual firmware's reboot delay after a download (short, so labs wait less; RainMaker's
+``OTA_REBOOT_TIMER_SEC`` is 10 s)."""
 BYTES_READ_EVERY = 50
 """``Image bytes read`` is logged after every 50th read."""
 
@@ -237,13 +236,15 @@ class OtaClient:
             self.reporter.report(OtaStatus.FAILED, "Aborted. URL not found in JSON")
             raise _Rejected
         self.runtime.log(NodeMsg.OTA_URL, url=url)
-        md5 = body.get("file_md5") if isinstance(body.get("file_md5"), str) else None
+        md5 = body.get("file_md5")
+        md5 = md5 if isinstance(md5, str) else None
         if md5 is not None:
             self.runtime.log(NodeMsg.OTA_FILE_MD5, md5=md5)
         size = body.get("file_size")
         size = size if isinstance(size, int) and not isinstance(size, bool) else 0
         self.runtime.log(NodeMsg.OTA_FILE_SIZE, size=size)
-        version = body.get("fw_version") if isinstance(body.get("fw_version"), str) and body.get("fw_version") else None
+        version = body.get("fw_version")
+        version = version if isinstance(version, str) and version else None
         if version is not None:
             self.runtime.log(NodeMsg.OTA_FW_VERSION, version=version)
         return OtaRequest(job_id, url, size, version, md5)
@@ -278,12 +279,11 @@ class OtaClient:
             self._finish()
 
     def _rebooting(self, attempts: int) -> None:
+        plural = "" if attempts == 1 else "s"
         if self.ctx.config.rollback:
             self.reporter.set_update_flag()
-            plural = "" if attempts == 1 else "s"
             self.reporter.report(OtaStatus.IN_PROGRESS, f"Rebooting into new firmware (after {attempts} {PROTOCOL} attempt{plural})")
         else:
-            plural = "" if attempts == 1 else "s"
             self.reporter.report(OtaStatus.SUCCESS, f"{PROTOCOL} OTA Upgrade finished successfully (after {attempts} attempt{plural})")
         self.runtime.log(NodeMsg.OTA_UPGRADE_DONE, protocol=PROTOCOL, seconds=self.settings.reboot_delay_s)
         self._reboot(self.settings.reboot_delay_s)

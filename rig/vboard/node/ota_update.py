@@ -14,8 +14,8 @@
   firmware is built with ``CONFIG_SECURE_SIGNED_ON_UPDATE`` (``rig.firmware.virtual_set.SDKCONFIG``):
   on a chip without Secure Boot enabled the new image must carry a signature by a key that
   signed the running app (``esp_secure_boot_verify_sbv2_signature_block`` taking its
-  trusted digests from the running app's signature blocks), checked with the same
-  :func:`rig.firmware.secure_boot_v2.verify_signed_image`;
+  trusted digests from the running app's signature blocks), checked by the same
+  bootloader code with those digests in place of the eFuse's (``signed_by``);
 * :meth:`OtaUpdate.set_boot_partition` — ``esp_ota_set_boot_partition``: with
   anti-rollback a ``secure_version`` below the eFuse erases the slot
   (``ESP_ERR_OTA_SMALL_SEC_VER``); otherwise ``esp_rewrite_ota_data`` writes the other
@@ -41,7 +41,7 @@ from rig.firmware.errors import FirmwareFormatError
 from rig.firmware.image import IMAGE_MAGIC, EspImage
 from rig.firmware.otadata import OtaState
 from rig.firmware.secure_boot_v2 import SECTOR_SIZE as SIGNATURE_SECTOR_SIZE
-from rig.firmware.secure_boot_v2 import parse_signature_sector, verify_signed_image
+from rig.firmware.secure_boot_v2 import parse_signature_sector
 from rig.vboard.app import AppContext, OtaOpsError, running_app_ota_state
 from rig.vboard.bootloader import BootEfuses, PartitionEntry, read_otadata, verify_app_partition, write_otadata_entry
 from rig.vboard.flash import SECTOR_SIZE
@@ -133,10 +133,13 @@ class OtaUpdate:
         """``esp_ota_end``: verify the image in flash as the bootloader will; ``ESP_ERR_OTA_VALIDATE_FAILED`` if not."""
         if self.written == 0:
             raise OtaOpsError("ESP_ERR_INVALID_ARG", "nothing was written")
-        efuse = self.ctx.efuse if self.checks.signature else _SignatureUnchecked(self.ctx.efuse)
-        ok = verify_app_partition(self.ctx.flash, self.partition, efuse)  # type: ignore[arg-type]
-        if ok and self.checks.signature and not self.ctx.efuse.secure_boot_enabled:
-            ok = self._signed_like_running_app()
+        efuse = self.ctx.efuse
+        if not self.checks.signature:
+            ok = verify_app_partition(self.ctx.flash, self.partition, _SignatureUnchecked(efuse))  # type: ignore[arg-type]
+        elif efuse.secure_boot_enabled:
+            ok = verify_app_partition(self.ctx.flash, self.partition, efuse)
+        else:  # CONFIG_SECURE_SIGNED_ON_UPDATE: signed by a key of the running app
+            ok = verify_app_partition(self.ctx.flash, self.partition, efuse, signed_by=_running_app_key_digests(self.ctx))
         if not ok:
             self.runtime.log(NodeMsg.OTA_OPS_VERIFY_FAILED)
             raise OtaOpsError("ESP_ERR_OTA_VALIDATE_FAILED", f"the image in {self.partition.label} does not verify")
@@ -166,39 +169,16 @@ class OtaUpdate:
         except FirmwareFormatError:
             return None
 
-    def _signed_like_running_app(self) -> bool:
-        """``CONFIG_SECURE_SIGNED_ON_UPDATE`` without Secure Boot: a signature block of the new image
-        must verify with a key whose digest is one of the running app's signature keys."""
-        running = self.ctx.boot.partition
-        if running is None:
-            return False
-        trusted = _signature_key_digests(self.ctx, running)
-        signed = _signed_span(self.ctx, self.partition, self.written)
-        if signed is None or not any(trusted):
-            return False
-        return verify_signed_image(signed, trusted).ok
 
-
-def _image_length(raw: bytes) -> int | None:
+def _running_app_key_digests(ctx: AppContext) -> list[bytes | None]:
+    """``esp_secure_boot_get_signature_blocks_for_running_app``: the key digest of each valid
+    signature block of the running app (its signature sector follows the image, 4 KB aligned)."""
+    running = ctx.boot.partition
+    if running is None:
+        return []
     try:
-        return EspImage.parse(raw).image_length
+        length = EspImage.parse(ctx.boot.image).image_length
     except FirmwareFormatError:
-        return None
-
-
-def _signed_span(ctx: AppContext, part: PartitionEntry, hint: int) -> bytes | None:
-    """The image in *part* up to the end of its signature sector (where ESP-IDF looks for it)."""
-    length = _image_length(ctx.flash.read(part.offset, min(part.size, max(hint, SECTOR_SIZE))))
-    if length is None:
-        return None
-    end = _align_up(length, SIGNATURE_SECTOR_SIZE) + SIGNATURE_SECTOR_SIZE
-    return ctx.flash.read(part.offset, end) if end <= part.size else None
-
-
-def _signature_key_digests(ctx: AppContext, running: PartitionEntry) -> list[bytes | None]:
-    """``esp_secure_boot_get_signature_blocks_for_running_app``: the key digest of each valid block."""
-    length = _image_length(ctx.boot.image) if ctx.boot.image else None
-    if length is None:
         return []
     at = running.offset + _align_up(length, SIGNATURE_SECTOR_SIZE)
     if at + SIGNATURE_SECTOR_SIZE > running.offset + running.size:
