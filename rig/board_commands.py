@@ -16,7 +16,7 @@ from rich.console import Console
 
 from rig.boards.board import Board, BoardError
 from rig.boards.claim import claim_board
-from rig.boards.virtual_ports import board_state_dir, published_port
+from rig.boards.virtual_ports import board_state_dir
 from rig.cloud.pki import LabPki
 from rig.cloud.stack import StackEndpoints
 from rig.lab import DEFAULT_BOARDS_FILE, Lab, LabConfigError, load_lab
@@ -47,7 +47,7 @@ def board_for(lab: Lab, name: str) -> Board:
         spec = lab.board(name)
     except LabConfigError as exc:
         raise _fail("\n".join(exc.problems)) from None
-    port = spec.port if spec.kind == "esp" else published_port(lab.state_dir, spec.name)
+    port = lab.live_port(spec)
     if port is None:
         raise _fail(f"virtual board {name!r} is not running. Fix: `rig up` (or `rig vboard serve {name}`)")
     return Board(spec=spec, port=port, firmware_dir=lab.firmware_dir(spec), log=logging.getLogger(f"rig.board.{name}"))

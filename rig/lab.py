@@ -35,7 +35,14 @@ from pydantic import (
     model_validator,
 )
 
-from rig.boards.virtual_ports import RadioAuth, RadioNetwork, check_virtual_address, default_board_address, radio_network
+from rig.boards.virtual_ports import (
+    RadioAuth,
+    RadioNetwork,
+    check_virtual_address,
+    default_board_address,
+    published_port,
+    radio_network,
+)
 from rig.targets import SUPPORTED as SUPPORTED_CHIPS
 
 DEFAULT_BOARDS_FILE = "boards.yaml"
@@ -402,6 +409,11 @@ class Lab(_Strict):
         if board.kind == "virtual":
             return self.state_dir / "firmware" / "virtual"
         return None
+
+    def live_port(self, board: BoardSpec) -> str | None:
+        """Where the board answers now: a real board's declared port, a running virtual board's
+        published ``rfc2217://`` URL (``None`` while it is not running)."""
+        return board.port if board.kind == "esp" else published_port(self.state_dir, board.name)
 
     def radio_networks(self) -> list[RadioNetwork]:
         """The ``wifi:`` list as the virtual boards' air (``rig.boards.virtual_ports.write_radio_file``)."""
