@@ -17,28 +17,19 @@ from rich.console import Console
 from rig.boards.board import Board, BoardError
 from rig.boards.claim import claim_board
 from rig.boards.virtual_ports import board_state_dir
+from rig.cli_lab import BoardsOption, load_lab_or_exit
 from rig.cloud.pki import LabPki
 from rig.cloud.stack import StackEndpoints
-from rig.lab import DEFAULT_BOARDS_FILE, Lab, LabConfigError, load_lab
+from rig.lab import DEFAULT_BOARDS_FILE, Lab, LabConfigError
 from rig.lab_services import running_state
 
 board_app = typer.Typer(no_args_is_help=True, help="Operations on one board (identity, claim).")
 console = Console()
 err_console = Console(stderr=True)
 
-BoardsOption = Annotated[Path, typer.Option("--boards", "-b", help="lab description file", show_default=True)]
-
-
 def _fail(message: str) -> typer.Exit:
     err_console.print(message, markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(2)
-
-
-def load_lab_or_exit(path: Path) -> Lab:
-    try:
-        return load_lab(path)
-    except LabConfigError as exc:
-        raise _fail(f"{path} is not usable:\n" + "\n".join(f"  {p}" for p in exc.problems)) from None
 
 
 def board_for(lab: Lab, name: str) -> Board:

@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from rig.board_commands import board_app, provision
-from rig.boards.virtual_ports import published_port
+from rig.cli_lab import BoardsOption, load_lab_or_exit
 from rig.espressif_tools import EspressifToolError
 from rig.firmware.behaviour import BehaviourManifest
-from rig.lab import DEFAULT_BOARDS_FILE, Lab, LabConfigError, load_lab
+from rig.lab import DEFAULT_BOARDS_FILE, LabConfigError
 from rig.runs import RunDirectory
 from rig.vboard.cli import app as vboard_app  # the CLI is one of the few places that may import the emulator
 
@@ -31,28 +31,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="HIL security
 console = Console()
 err_console = Console(stderr=True)
 
-BoardsOption = Annotated[Path, typer.Option("--boards", "-b", help="lab description file", show_default=True)]
-
-
-def _load(path: Path) -> Lab:
-    try:
-        return load_lab(path)
-    except LabConfigError as exc:
-        err_console.print(f"[bold red]{path} is not usable:[/]")
-        for problem in exc.problems:
-            err_console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-
-
 @app.command()
 def boards(boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE)) -> None:
     """Show the farm described by boards.yaml; exit 2 if the file is invalid."""
-    lab = _load(boards_file)
+    lab = load_lab_or_exit(boards_file)
     table = Table(title=f"lab {lab.lab} — {len(lab.boards)} board(s), stack: {lab.stack.kind}")
     for col in ("name", "kind", "chip", "port", "firmware", "tags", "eFuses"):
         table.add_column(col)
     for b in lab.boards:
-        port = b.port or published_port(lab.state_dir, b.name) or "(on start)"
+        port = lab.live_port(b) or "(on start)"
         firmware = str(b.firmware) if b.firmware else ("generated" if b.kind == "virtual" else "(none)")
         table.add_row(
             b.name,
@@ -73,7 +60,7 @@ def run(
     board: Annotated[list[str] | None, typer.Option("--board", help="only this board (repeatable)")] = None,
 ) -> None:
     """Run suites/ against the farm into reports/<run-id>/. Arguments after -- go to pytest."""
-    lab = _load(boards_file)
+    lab = load_lab_or_exit(boards_file)
     selected = board or []
     try:
         lab.select(selected)
@@ -112,7 +99,7 @@ def up(
     """Start the local cloud stack and every virtual board in the background."""
     from rig import lab_services
 
-    lab = _load(boards_file)
+    lab = load_lab_or_exit(boards_file)
     try:
         state, started = lab_services.start(lab, boards_file, test_mode=test_mode)
     except lab_services.LabServicesError as exc:
@@ -127,7 +114,7 @@ def status(boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE)) -> None:
     """Show what `rig up` started and whether each part answers; exit 3 when nothing runs."""
     from rig import lab_services
 
-    lab = _load(boards_file)
+    lab = load_lab_or_exit(boards_file)
     state = lab_services.running_state(lab)
     if state is None:
         console.print(f"lab {lab.lab}: not running (start it with `rig up`)")
@@ -141,7 +128,7 @@ def down(boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE)) -> None:
     """Stop what `rig up` started."""
     from rig import lab_services
 
-    lab = _load(boards_file)
+    lab = load_lab_or_exit(boards_file)
     try:
         state = lab_services.stop(lab)
     except lab_services.LabServicesError as exc:
@@ -187,7 +174,7 @@ def user_add(
     from rig.cloud.stack import LocalStack
     from rig.cloud.store import StoreError
 
-    lab = _load(boards_file)
+    lab = load_lab_or_exit(boards_file)
     try:
         user_id = LocalStack(lab.state_dir / "cloud").add_user(email, password)
     except StoreError as exc:
@@ -221,7 +208,7 @@ def firmware_build_virtual(
     from rig.firmware.softhsm import SoftHsmError, SoftHsmUnavailable
     from rig.firmware.virtual_set import PUBLIC_KEY_FILE, VIRTUAL_SIGNING_KEY, SetSigner, build_virtual_set, ensure_signing_key
 
-    lab = _load(boards_file)
+    lab = load_lab_or_exit(boards_file)
     if hsm and key is not None:
         err_console.print("--hsm and --key name two different signing keys. Fix: pass one of them", markup=False)
         raise typer.Exit(2)
