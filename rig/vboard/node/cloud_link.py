@@ -123,17 +123,23 @@ class _MemoryFile:
         os.close(self.fd)
 
 
-def tls_context(identity: NodeIdentity, verify_server: bool = True) -> ssl.SSLContext:
-    """The node's TLS client context: TLS ≥ 1.2, its certificate and key, the broker
-    verified against ``server_cert`` with host-name checking unless *verify_server* is off."""
+def server_verifying_context(server_cert: bytes | None, verify_server: bool = True) -> ssl.SSLContext:
+    """A TLS ≥ 1.2 client context that verifies the server against *server_cert* (fctry's lab CA)
+    with host-name checking — or verifies nothing when *verify_server* is off (the
+    ``no_server_cert_check`` / ``accepts_http_ota`` flaws). The broker and the OTA host both use it."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if verify_server:
-        if identity.server_cert:
-            context.load_verify_locations(cadata=identity.server_cert.decode("ascii", "replace"))
-    else:
+    if not verify_server:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    elif server_cert:
+        context.load_verify_locations(cadata=server_cert.decode("ascii", "replace"))
+    return context
+
+
+def tls_context(identity: NodeIdentity, verify_server: bool = True) -> ssl.SSLContext:
+    """The node's MQTT TLS context: :func:`server_verifying_context` plus its certificate and key."""
+    context = server_verifying_context(identity.server_cert, verify_server)
     cert, key = _MemoryFile("node-cert", identity.client_cert), _MemoryFile("node-key", identity.client_key)
     try:
         context.load_cert_chain(cert.path, key.path)

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from rig.firmware.app_desc import APP_DESC_LAYOUT
 from rig.firmware.image import IMAGE_HEADER_LAYOUT, SEGMENT_HEADER_LAYOUT
 from rig.vboard.bootloader import LogMessage
+from rig.vboard.node.cloud_link import server_verifying_context
 from rig.vboard.node.messages import (
     MBEDTLS_SSL_FATAL_ALERT,
     MBEDTLS_X509_CERT_VERIFY_FAILED,
@@ -120,7 +121,7 @@ class ImageDownload:
         connection: http.client.HTTPConnection
         if scheme == "https":
             try:
-                context = _tls_context(settings)
+                context = server_verifying_context(settings.server_cert, settings.verify_server)
             except (ssl.SSLError, ValueError) as exc:
                 raise DownloadError("ESP_ERR_HTTP_CONNECT", f"the server certificate from fctry is unusable: {exc}",
                                     lines=((NodeMsg.HTTPS_OTA_CONNECT_FAILED, {}),)) from None  # fmt: skip
@@ -187,17 +188,6 @@ class ImageDownload:
 
     def close(self) -> None:
         _close(self.runtime, self._connection, self._sock)
-
-
-def _tls_context(settings: DownloadSettings) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not settings.verify_server:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif settings.server_cert:
-        context.load_verify_locations(cadata=settings.server_cert.decode("ascii", "replace"))
-    return context
 
 
 def _close(runtime: NodeRuntime, connection: http.client.HTTPConnection, sock: socket.socket | None) -> None:
