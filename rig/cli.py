@@ -176,7 +176,7 @@ def user_add(
 
     lab = load_lab_or_exit(boards_file)
     try:
-        user_id = LocalStack(lab.state_dir / "cloud").add_user(email, password)
+        user_id = LocalStack.for_lab(lab).add_user(email, password)
     except StoreError as exc:
         err_console.print(f"cannot add user {email}: {exc}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -201,8 +201,7 @@ def firmware_build_virtual(
     never leaves the token (espsecure sign-data --hsm). The set's root gets the key's
     public half, whose digest is what a board's eFuse must hold to boot the set.
     """
-    from rig.cloud.signer import CloudSigner
-    from rig.cloud.stack import HsmPins
+    from rig.cloud.stack import LocalStack
     from rig.firmware.firmware_set import FirmwareSetError
     from rig.firmware.secure_boot_v2 import HsmError, SigningError
     from rig.firmware.softhsm import SoftHsmError, SoftHsmUnavailable
@@ -215,14 +214,7 @@ def firmware_build_virtual(
     out = dest or lab.state_dir / "firmware" / "virtual"
     try:
         if hsm:
-            # the token the local cloud stack signs OTA images with (LocalStack: <state>/cloud/hsm)
-            hsm_dir = lab.state_dir / "cloud" / "hsm"
-            pins = (HsmPins(lab.hsm.pin.get_secret_value(), lab.hsm.so_pin.get_secret_value()) if lab.hsm
-                    else HsmPins.for_lab(hsm_dir))  # fmt: skip
-            cloud = CloudSigner(hsm_dir, pins.pin, pins.so_pin)
-            label = cloud.default_key
-            signer = SetSigner(lambda data: cloud.sign(data, label), cloud.public_key_pem(label),
-                               f"lab HSM key {label!r} (SoftHSM2 token {cloud.token_label!r} in {hsm_dir})")
+            signer = LocalStack.for_lab(lab).open_signer().set_signer()  # the key the lab's cloud signs OTA images with
         else:
             signer = SetSigner.key_file(ensure_signing_key(key or lab.state_dir / VIRTUAL_SIGNING_KEY))
         fs = build_virtual_set(out, signer)

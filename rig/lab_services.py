@@ -34,7 +34,7 @@ from rig.boards.virtual_ports import (
     stop_virtual_board,
     write_radio_file,
 )
-from rig.cloud.stack import HsmPins, LocalStack, StackEndpoints, StackPorts
+from rig.cloud.stack import LocalStack, StackEndpoints, StackPorts
 from rig.lab import Lab, LabConfigError, load_lab
 
 STATE_FILE = "up.json"
@@ -177,11 +177,8 @@ class _Supervisor:
     def start(self) -> LabServicesState:
         endpoints = None
         if self.lab.stack.kind == "local":
-            pins = None
-            if self.lab.hsm:
-                pins = HsmPins(self.lab.hsm.pin.get_secret_value(), self.lab.hsm.so_pin.get_secret_value())
             ports = StackPorts(mqtt=self.lab.stack.mqtt_port, api=self.lab.stack.api_port, ota=self.lab.stack.ota_port)
-            self.stack = LocalStack(self.lab.state_dir / "cloud", test_mode=self.test_mode, ports=ports, pins=pins)
+            self.stack = LocalStack.for_lab(self.lab, test_mode=self.test_mode, ports=ports)
             endpoints = self.stack.start()
         virtual = [board for board in self.lab.boards if board.kind == "virtual"]
         if virtual:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from rig.firmware.secure_boot_v2 import SigningError, public_key_digest, verify_signed_image
 from rig.firmware.softhsm import SoftHsmToken
+from rig.firmware.virtual_set import SetSigner
 
 __all__ = ["DEFAULT_TOKEN_LABEL", "DIGEST_SLOTS", "CloudSigner", "NoMatchingKey", "SignedImage"]
 
@@ -196,6 +197,13 @@ class CloudSigner:
             if value is not None and value in by_digest:
                 return by_digest[value]
         raise NoMatchingKey(normalised, self._digests)
+
+    def set_signer(self, key_label: str | None = None) -> SetSigner:
+        """This HSM key as the signer of a virtual firmware set (``rig firmware build-virtual --hsm``);
+        the private key stays in the token."""
+        label = key_label or self.default_key
+        return SetSigner(lambda data: self.sign(data, label), self.public_key_pem(label),
+                         f"lab HSM key {label!r} (SoftHSM2 token {self.token_label!r} in {self.state_dir})")  # fmt: skip
 
     def sign(self, image: bytes, key_label: str) -> bytes:
         """Sign *image* (an unsigned app image) with *key_label* inside the HSM through

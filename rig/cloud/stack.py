@@ -16,6 +16,7 @@ import secrets
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rig.cloud.api import create_app
 from rig.cloud.api_server import ApiServer
@@ -27,6 +28,7 @@ from rig.cloud.service import CloudMqtt
 from rig.cloud.signer import CloudSigner
 from rig.cloud.store import CloudStore
 from rig.firmware.variants import ImageParts
+from rig.lab import Lab
 
 log = logging.getLogger("rig.cloud")
 
@@ -135,12 +137,23 @@ class LocalStack:
         self.mqtt: CloudMqtt | None = None
         self.api: ApiServer | None = None
 
+    @classmethod
+    def for_lab(cls, lab: Lab, **kwargs: Any) -> LocalStack:
+        """The lab's stack: state in ``<lab state>/cloud``, HSM PINs from boards.yaml ``hsm:`` when
+        given (else generated once and kept beside the token, see :class:`HsmPins`)."""
+        pins = HsmPins(lab.hsm.pin.get_secret_value(), lab.hsm.so_pin.get_secret_value()) if lab.hsm else None
+        return cls(lab.state_dir / "cloud", pins=pins, **kwargs)
+
+    def open_signer(self) -> CloudSigner:
+        """The stack's Secure Boot V2 signer (SoftHSM2 token in ``<state>/hsm``), not yet set up."""
+        return CloudSigner(self.state_dir / "hsm", self.pins.pin, self.pins.so_pin)
+
     def start(self) -> StackEndpoints:
         try:
             self.broker = MosquittoBroker(self.state_dir / "broker", self.pki, host=self.host, port=self.ports.mqtt)
             self.broker.start()
             self.store = CloudStore.open(self.state_dir / "store")
-            self.signer = CloudSigner(self.state_dir / "hsm", self.pins.pin, self.pins.so_pin)
+            self.signer = self.open_signer()
             self.signer.setup()
             ota_cert = self.pki.server_cert(OTA_CERT_NAME)
             self.ota_host = OtaImageHost(
