@@ -27,7 +27,6 @@ from tests import espressif_prov_client
 
 transport_http = espressif_prov_client.module("common.transport.transport_http")
 espressif_sec1 = espressif_prov_client.module("common.security.security1")
-espressif_sec2 = espressif_prov_client.module("common.security.security2")
 
 ADDRESS = "127.0.1.201"
 POP = "abcd1234"
@@ -105,7 +104,7 @@ def test_espressif_transport_and_security2_against_rig_httpd(served: tuple[Proto
     server, device = served
     transport = transport_http.Transport_HTTP(f"{ADDRESS}:{server.port}")
     assert transport.send_data("proto-ver", "---") == VERSION
-    security = espressif_sec2.Security2(1, "wifiprov", POP, False)
+    security = espressif_prov_client.security2(1, "wifiprov", POP)
     _espressif_handshake(security, transport)
     assert device.established
     assert transport.get_cookie() == f"session={server.cookie_session_id}"
@@ -129,7 +128,7 @@ def test_espressif_client_with_wrong_pop_sees_a_dropped_connection(served: tuple
     server, device = served
     transport = transport_http.Transport_HTTP(f"{ADDRESS}:{server.port}")
     with pytest.raises(RuntimeError, match="Connection Failure"):
-        _espressif_handshake(espressif_sec2.Security2(1, "wifiprov", "abcd1235", False), transport)
+        _espressif_handshake(espressif_prov_client.security2(1, "wifiprov", "abcd1235"), transport)
     assert not device.established and device.failure is not None and device.failure.esp_err is EspErr.ESP_FAIL
     assert transport.send_data("proto-ver", "---") == VERSION  # the server is still there
 
@@ -252,7 +251,7 @@ def test_bad_http_gets_esp_http_server_errors_and_the_server_survives(
     server, _ = served
     answer, sock = _raw(server.port, request_bytes)
     assert answer.startswith(b"HTTP/1.1 " + status + b"\r\n")
-    assert answer.endswith(message) or message in answer
+    assert message in answer
     assert _eof(sock)  # esp_http_server closes the socket after an error response
     sock.close()
     assert SoftApHttpTransport(ADDRESS, server.port, timeout=5).send("proto-ver", b"---").decode() == VERSION

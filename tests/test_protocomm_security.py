@@ -36,7 +36,6 @@ from rig.protocomm.srp6a import SrpCredentials
 from tests import espressif_prov_client
 
 espressif_sec1 = espressif_prov_client.module("common.security.security1")
-espressif_sec2 = espressif_prov_client.module("common.security.security2")
 
 POP = "abcd1234"
 CREDENTIALS = SrpCredentials.derive("wifiprov", POP)  # derived once: SRP verifiers are slow to make
@@ -115,7 +114,7 @@ def test_espressif_security1_without_pop_against_rig_device() -> None:
 @pytest.mark.parametrize("patch", [0, 1])
 def test_espressif_security2_against_rig_device(patch: int) -> None:
     device = DeviceSecurity2(CREDENTIALS, patch_version=patch)
-    theirs = espressif_sec2.Security2(patch, "wifiprov", POP, False)
+    theirs = espressif_prov_client.security2(patch, "wifiprov", POP)
     _espressif_handshake(theirs, device.handle_session)
     assert device.established
     assert theirs.session_key == device._srp.session_key[:32]  # the device's K, read for the cross-check
@@ -216,7 +215,7 @@ def test_aes_ctr_stream_is_continuous_across_calls() -> None:
 @pytest.mark.parametrize("sec_ver", [1, 2])
 def test_wrong_pop_with_espressif_client_fails_without_a_session(sec_ver: int) -> None:
     device = _device(sec_ver)
-    theirs = espressif_sec1.Security1("abcd1235", False) if sec_ver == 1 else espressif_sec2.Security2(1, "wifiprov", "abcd1235", False)
+    theirs = espressif_sec1.Security1("abcd1235", False) if sec_ver == 1 else espressif_prov_client.security2(1, "wifiprov", "abcd1235")
     with pytest.raises(SecurityRefusal) as info:
         _espressif_handshake(theirs, device.handle_session)
     assert info.value.esp_err is EspErr.ESP_FAIL  # no SessionResp1 with a status: the request handler fails

@@ -112,11 +112,6 @@ class Protocomm:
         with self._lock:
             return name in self._endpoints
 
-    @property
-    def endpoint_names(self) -> tuple[str, ...]:
-        with self._lock:
-            return tuple(self._endpoints)
-
     # sessions -------------------------------------------------------------------------------------
     def open_session(self, session_id: int) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ import selectors
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from rig.protocomm.endpoints import Protocomm
 from rig.protocomm.errors import EndpointFailure, ProtocommError
@@ -73,11 +74,6 @@ class HttpdError(ProtocommError):
 
 class _Drop(Exception):
     """Close the connection without an HTTP response (a URI handler returned ESP_FAIL)."""
-
-
-class _HttpError(Exception):
-    def __init__(self, code: int):
-        self.code = code
 
 
 @dataclass
@@ -252,10 +248,8 @@ class ProtocommHttpd:
         sock.settimeout(self.recv_timeout)
         conn = _Connection(sock, peer, next(self._numbers), last_used=next(self._clock))
         with self._conn_lock:
-            victims = []
-            while len(self._connections) - len(victims) >= self.max_open_sockets:
-                live = [c for c in self._connections if c not in victims]
-                victims.append(min(live, key=lambda c: c.last_used))
+            excess = len(self._connections) + 1 - self.max_open_sockets
+            victims = sorted(self._connections, key=lambda c: c.last_used)[: max(excess, 0)]
             self._connections.append(conn)
         for victim in victims:
             log.debug("LRU purge: closing socket %d to admit a new connection", victim.number)
@@ -374,7 +368,7 @@ class ProtocommHttpd:
             request.content_length = int(length)
         return request
 
-    def _send_error(self, conn: _Connection, code: int) -> None:
+    def _send_error(self, conn: _Connection, code: int) -> NoReturn:
         """``httpd_resp_send_err`` then close the socket (``httpd_req_handle_err`` returns ESP_FAIL)."""
         status, message = _ERRORS[code]
         body = message.encode("ascii")

@@ -125,6 +125,13 @@ def _refuse(err: EspErr, reason: str, tag: str, log: str) -> SecurityRefusal:
     return SecurityRefusal(err, reason, (tag, log))
 
 
+def _sec1_key(shared: bytes, pop: bytes) -> bytes:
+    """Security 1's AES key: the X25519 shared secret, XORed with SHA-256(PoP) when there is a PoP (security1.c, esp_prov)."""
+    if not pop:
+        return shared
+    return bytes(a ^ b for a, b in zip(shared, hashlib.sha256(pop).digest(), strict=True))
+
+
 @contextmanager
 def _session_setup() -> Iterator[None]:
     """``secN_session_setup`` errors reach protocomm as ESP_FAIL ("Session setup error %d"), the step's code kept as cause."""
@@ -208,28 +215,20 @@ class DeviceSecurity(ABC):
     # operations -----------------------------------------------------------------------------------
     def handle_session(self, request: bytes, session_id: int | None = None) -> bytes:
         """The ``prov-session`` endpoint: one handshake request in, the response out, or :class:`SecurityRefusal`."""
-        with self._lock:
-            try:
-                self._resolve(session_id)
-                return self._handle(bytes(request))
-            except SecurityRefusal as refusal:
-                self.failure = refusal
-                raise
+        return self._in_session(self._handle, request, session_id)
 
     def encrypt(self, data: bytes, session_id: int | None = None) -> bytes:
-        with self._lock:
-            try:
-                self._resolve(session_id)
-                return self._encrypt(bytes(data))
-            except SecurityRefusal as refusal:
-                self.failure = refusal
-                raise
+        return self._in_session(self._encrypt, data, session_id)
 
     def decrypt(self, data: bytes, session_id: int | None = None) -> bytes:
+        return self._in_session(self._decrypt, data, session_id)
+
+    def _in_session(self, operation: Callable[[bytes], bytes], data: bytes, session_id: int | None) -> bytes:
+        """*operation* on *data* in session *session_id*; a refusal is kept in :attr:`failure` before it propagates."""
         with self._lock:
             try:
                 self._resolve(session_id)
-                return self._decrypt(bytes(data))
+                return operation(bytes(data))
             except SecurityRefusal as refusal:
                 self.failure = refusal
                 raise
@@ -250,6 +249,12 @@ class DeviceSecurity(ABC):
         if not done:
             raise _refuse(EspErr.ESP_ERR_INVALID_STATE, "secure session not established (handshake incomplete)", self._tag,
                           "Secure session not established")
+
+    def _restart_handshake(self) -> None:
+        """A Command0 outside the Command0 state: "Invalid state of session ... Restarting session." (same session id)."""
+        session_id = self.session_id
+        self._reset()
+        self.session_id = session_id
 
 
 class DeviceSecurity0(DeviceSecurity):
@@ -340,9 +345,7 @@ class DeviceSecurity1(DeviceSecurity):
 
     def _command0(self, payload: Sec1Payload) -> bytes:
         if self._state != _CMD0:
-            session_id = self.session_id
-            self._reset()  # "Invalid state of session ... Restarting session."
-            self.session_id = session_id
+            self._restart_handshake()
         if payload.sc0 is None:
             # security1.c reads in->sc0 without a check; a real device faults here.
             raise _refuse(EspErr.ESP_ERR_INVALID_ARG, "Session_Command0 without its sc0 body (ESP-IDF dereferences it unchecked)",
@@ -357,12 +360,10 @@ class DeviceSecurity1(DeviceSecurity):
         except ValueError as exc:  # a low-order point gives an all-zero secret
             raise _refuse(EspErr.ESP_FAIL, f"X25519 with the client key failed ({exc})", self._tag,
                           "Failed at mbedtls_ecdh_compute_shared") from exc
-        if self._pop:
-            shared = bytes(a ^ b for a, b in zip(shared, hashlib.sha256(self._pop).digest(), strict=True))
         device_random = secrets.token_bytes(SEC1_RANDOM_LEN)
         self._device_pubkey = private.public_key().public_bytes_raw()
         self._client_pubkey = bytes(client_pubkey)
-        self._sym_key = shared
+        self._sym_key = _sec1_key(shared, self._pop)
         self._counter = int.from_bytes(device_random, "big")
         self._state = _CMD1
         return SessionData(
@@ -481,9 +482,7 @@ class DeviceSecurity2(DeviceSecurity):
             raise _refuse(EspErr.ESP_ERR_INVALID_ARG, f"S2Session_Command0 carries {payload.which('payload')}, not sc0", self._tag,
                           "Missing or mismatched sc0 payload in session command0")
         if self._state != _CMD0:
-            session_id = self.session_id
-            self._reset()  # "Invalid state of session ... Restarting session."
-            self.session_id = session_id
+            self._restart_handshake()
         sc0: S2SessionCmd0 = payload.sc0
         if len(sc0.client_pubkey) != N_LEN:
             self._post(SecurityEvent.INVALID_SECURITY_PARAMS)
@@ -689,10 +688,8 @@ class ClientSecurity1(ClientSecurity):
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(sr0.device_pubkey))
         except ValueError as exc:
             raise SessionError(f"X25519 with the device's public key failed ({exc})") from exc
-        if self._pop:
-            shared = bytes(a ^ b for a, b in zip(shared, hashlib.sha256(self._pop).digest(), strict=True))
         self.device_pubkey = bytes(sr0.device_pubkey)
-        self._stream = AesCtrStream(shared, sr0.device_random)
+        self._stream = AesCtrStream(_sec1_key(shared, self._pop), sr0.device_random)
         self._command1 = None
 
     def command1(self) -> bytes:

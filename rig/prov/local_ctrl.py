@@ -24,10 +24,8 @@ methods raise :class:`LocalControlError`.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from rig.evidence.redaction import SECRETS
 from rig.protocomm.errors import ProtobufDecodeError
@@ -40,8 +38,10 @@ from rig.protocomm.messages import (
     PropertyValue,
     Status,
 )
-from rig.protocomm.security import DEFAULT_SEC2_USERNAME, ClientSecurity, client_security
-from rig.prov.rainmaker_api import RainMakerUser
+from rig.protocomm.security import ClientSecurity
+from rig.prov.polling import poll_until
+from rig.prov.rainmaker_api import CLOUD_POLL_S, RainMakerUser
+from rig.prov.session import SessionClient, status_name
 
 LOCAL_CTRL_PORT = 8080
 """``CONFIG_ESP_RMAKER_LOCAL_CTRL_HTTP_PORT`` default (the CLI's ``--port`` default too)."""
@@ -56,13 +56,8 @@ POP_PARAM_TYPE, TYPE_PARAM_TYPE = "esp.param.local_control_pop", "esp.param.loca
 SERVICE_NAME, POP_PARAM, TYPE_PARAM, USERNAME_PARAM = "Local Control", "POP", "Type", "Username"
 """RainMaker's names (``ESP_RMAKER_LOCAL_CTRL_DEVICE_NAME``, ``ESP_RMAKER_DEF_LOCAL_CONTROL_POP``/``_TYPE``);
 :func:`local_control_service` finds the service by type first, so a renamed one is found too."""
-CLOUD_POLL_S = 1.0
 DEFAULT_SECURITY = 1
 """The scheme to assume when the version endpoint does not say (esp_rainmaker_ctrl ``--sec_ver`` default)."""
-
-
-class Transport(Protocol):
-    def send(self, endpoint: str, data: bytes) -> bytes: ...
 
 
 class LocalControlError(RuntimeError):
@@ -150,37 +145,26 @@ def local_control_service(config: dict[str, Any], params: dict[str, Any]) -> Loc
     return LocalControlService(pop if isinstance(pop, str) else "", int(values[type_name]), str(username) if username else None)
 
 
-def wait_local_control_service(user: RainMakerUser, node_id: str, timeout: float = 30.0, *,
-                               clock: Callable[[], float] = time.monotonic) -> LocalControlService | None:  # fmt: skip
+def wait_local_control_service(user: RainMakerUser, node_id: str, timeout: float = 30.0) -> LocalControlService | None:
     """Poll the cloud until the node's params carry its Local Control service (the node reports
     them on ``params/local/init`` once mapped); None if they never do within *timeout*."""
-    deadline = clock() + timeout
-    while True:
-        found = local_control_service(user.node_config(node_id), user.params(node_id))
-        if found is not None or clock() >= deadline:
-            return found
-        time.sleep(CLOUD_POLL_S)  # the REST API has no push; the app polls too
+    return poll_until(lambda: local_control_service(user.node_config(node_id), user.params(node_id)),
+                      lambda found: found is not None, timeout, CLOUD_POLL_S)  # fmt: skip
 
 
 @dataclass
-class LocalControlClient:
+class LocalControlClient(SessionClient):
     """One local-control conversation with one node over *transport* (an HTTP transport on port 8080)."""
 
-    transport: Transport
-    pop: str = ""
-    username: str = DEFAULT_SEC2_USERNAME
-    security: ClientSecurity | None = None
     version: LocalCtrlVersion | None = None
-    trace: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        SECRETS.add(self.pop)
+    session_endpoint: ClassVar[str] = ENDPOINT_SESSION
+    error: ClassVar[type[Exception]] = LocalControlError
 
     # ------------------------------------------------------------------ plaintext endpoints
 
     def get_version(self) -> LocalCtrlVersion:
         self.version = LocalCtrlVersion.parse(self.transport.send(ENDPOINT_VERSION, b"---"))
-        self.trace.append(f"version: {self.version.ver}, sec_ver {self.version.sec_ver}, patch {self.version.sec_patch_ver}")
         return self.version
 
     def open_session(self, sec_ver: int | None = None) -> ClientSecurity:
@@ -188,10 +172,7 @@ class LocalControlClient:
         endpoint announces, else security 1). ``SessionError`` or a transport error when refused."""
         version = self.version or self.get_version()
         chosen = sec_ver if sec_ver is not None else (version.sec_ver if version.sec_ver is not None else DEFAULT_SECURITY)
-        self.security = client_security(chosen, self.pop, self.username, version.sec_patch_ver)
-        self.security.handshake(lambda data: self.transport.send(ENDPOINT_SESSION, data))
-        self.trace.append(f"session: security {chosen} established")
-        return self.security
+        return self._handshake(chosen, version.sec_patch_ver)
 
     # ------------------------------------------------------------------ the control endpoint
 
@@ -202,10 +183,8 @@ class LocalControlClient:
         return self.security.decrypt(self.transport.send(ENDPOINT_CONTROL, self.security.encrypt(plaintext)))
 
     def call(self, request: LocalCtrlMessage) -> LocalCtrlMessage:
-        """Send *request*, decode the answer; the caller judges its status."""
-        if self.security is None or not self.security.established:
-            raise LocalControlError(f"{ENDPOINT_CONTROL}: no secure session yet. Fix: open_session() first")
-        answer = self.send_control(request.encode())
+        """Send *request* through the session, decode the answer; the caller judges its status."""
+        answer = self._exchange(ENDPOINT_CONTROL, request.encode())
         try:
             reply = LocalCtrlMessage.decode(answer)
         except ProtobufDecodeError as exc:
@@ -248,8 +227,7 @@ class LocalControlClient:
         resp = reply.resp_set_prop_vals
         if resp is None:
             raise LocalControlError("set property values: the node answered without a RespSetPropertyValues")
-        status = int(resp.status)
-        return Status(status) if status in Status._value2member_map_ else status
+        return resp.status  # decoded as the open enum: a Status, or the int the node sent when Status lacks it
 
     # ------------------------------------------------------------------ RainMaker's properties
 
@@ -271,8 +249,7 @@ def _check(status: int | None, step: str) -> None:
     if status is None:
         raise LocalControlError(f"{step}: the node answered without a status")
     if status != Status.Success:
-        name = Status(status).name if status in Status._value2member_map_ else str(status)
-        raise LocalControlError(f"{step}: the node answered {name}", status=int(status))
+        raise LocalControlError(f"{step}: the node answered {status_name(status)}", status=int(status))
 
 
 __all__ = [

@@ -13,10 +13,8 @@ session, send before the handshake, give a wrong PoP, replay a step through
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from rig.evidence.redaction import SECRETS
 from rig.protocomm.errors import ProtobufDecodeError, SessionError
@@ -45,16 +43,14 @@ from rig.protocomm.messages import (
     WifiStationState,
 )
 from rig.protocomm.proto import Message
-from rig.protocomm.security import DEFAULT_SEC2_USERNAME, ClientSecurity, client_security
+from rig.protocomm.security import ClientSecurity
+from rig.prov.polling import poll_until
+from rig.prov.session import SessionClient, status_name
 
 STATUS_POLL_S = 0.5
 """The CLI polls every 5 s; a local device answers at once, so the rig polls faster."""
 SCAN_RESULTS_PER_CALL = 4
 """esp_prov asks for scan results four at a time."""
-
-
-class Transport(Protocol):
-    def send(self, endpoint: str, data: bytes) -> bytes: ...
 
 
 class ProvisioningError(RuntimeError):
@@ -94,20 +90,15 @@ class WifiOutcome:
 
 
 @dataclass
-class ProvisioningClient:
+class ProvisioningClient(SessionClient):
     """One provisioning conversation with one device over *transport*."""
 
-    transport: Transport
-    pop: str = ""
-    username: str = DEFAULT_SEC2_USERNAME
-    security: ClientSecurity | None = None
     version: ProtoVersion | None = None
     node_id: str | None = None
     """What the node answered to ``cloud_user_assoc``."""
-    trace: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        SECRETS.add(self.pop)
+    session_endpoint: ClassVar[str] = "prov-session"
+    error: ClassVar[type[Exception]] = ProvisioningError
 
     # ------------------------------------------------------------------ plaintext endpoints
 
@@ -117,25 +108,18 @@ class ProvisioningClient:
             self.version = ProtoVersion(json.loads(raw))
         except ValueError as exc:
             raise ProvisioningError(f"proto-ver answered {raw[:80]!r}, not JSON ({exc})") from exc
-        self.trace.append(f"proto-ver: sec_ver {self.version.sec_ver}, patch {self.version.sec_patch_ver}")
         return self.version
 
     def open_session(self, sec_ver: int | None = None) -> ClientSecurity:
         """Run the ``prov-session`` handshake with the scheme *sec_ver* (default: what proto-ver offers)."""
         version = self.version or self.proto_version()
-        chosen = version.sec_ver if sec_ver is None else sec_ver
-        self.security = client_security(chosen, self.pop, self.username, version.sec_patch_ver)
-        self.security.handshake(lambda data: self.transport.send("prov-session", data))
-        self.trace.append(f"prov-session: security {chosen} established")
-        return self.security
+        return self._handshake(version.sec_ver if sec_ver is None else sec_ver, version.sec_patch_ver)
 
     # ------------------------------------------------------------------ encrypted endpoints
 
     def call(self, endpoint: str, request: Message, reply_type: type[Message]) -> Any:
         """Encrypt *request* for *endpoint*, send it, decrypt and decode the reply."""
-        if self.security is None or not self.security.established:
-            raise ProvisioningError(f"{endpoint}: no secure session yet. Fix: open_session() first")
-        reply = self.security.decrypt(self.transport.send(endpoint, self.security.encrypt(request.encode())))
+        reply = self._exchange(endpoint, request.encode())
         try:
             return reply_type.decode(reply)
         except ProtobufDecodeError as exc:
@@ -154,10 +138,9 @@ class ProvisioningClient:
         )
         resp = reply.resp_set_user_mapping
         if resp is None or resp.Status != RMakerConfigStatus.Success:
-            status = "no response" if resp is None else RMakerConfigStatus(resp.Status).name
+            status = "no response" if resp is None else status_name(resp.Status)
             raise ProvisioningError(f"cloud_user_assoc: the node answered {status}")
         self.node_id = str(resp.NodeId)
-        self.trace.append(f"cloud_user_assoc: node {self.node_id}")
         return self.node_id
 
     def scan(self) -> list[WiFiScanResult]:
@@ -182,61 +165,56 @@ class ProvisioningClient:
     def _scan(self, request: WiFiScanPayload) -> WiFiScanPayload:
         reply = self.call("prov-scan", request, WiFiScanPayload)
         if reply.status != Status.Success:
-            raise ProvisioningError(f"prov-scan: {WiFiScanMsgType(request.msg).name} answered {Status(reply.status).name}")
+            raise ProvisioningError(f"prov-scan: {WiFiScanMsgType(request.msg).name} answered {status_name(reply.status)}")
         return reply
 
     def set_wifi_config(self, ssid: str, passphrase: str) -> None:
         SECRETS.add(passphrase)
-        reply = self.call(
-            "prov-config",
-            WiFiConfigPayload(
-                msg=WiFiConfigMsgType.TypeCmdSetConfig,
-                cmd_set_config=CmdSetConfig(ssid=ssid.encode(), passphrase=passphrase.encode()),
-            ),
-            WiFiConfigPayload,
-        )
+        request = CmdSetConfig(ssid=ssid.encode(), passphrase=passphrase.encode())
+        reply = self._config(WiFiConfigPayload(msg=WiFiConfigMsgType.TypeCmdSetConfig, cmd_set_config=request))
         self._expect_ok(reply.resp_set_config, "set config")
 
     def apply_wifi_config(self) -> None:
-        reply = self.call(
-            "prov-config", WiFiConfigPayload(msg=WiFiConfigMsgType.TypeCmdApplyConfig, cmd_apply_config=CmdApplyConfig()), WiFiConfigPayload
-        )
+        reply = self._config(WiFiConfigPayload(msg=WiFiConfigMsgType.TypeCmdApplyConfig, cmd_apply_config=CmdApplyConfig()))
         self._expect_ok(reply.resp_apply_config, "apply config")
 
     def wifi_status(self) -> RespGetStatus:
-        reply = self.call(
-            "prov-config", WiFiConfigPayload(msg=WiFiConfigMsgType.TypeCmdGetStatus, cmd_get_status=CmdGetStatus()), WiFiConfigPayload
-        )
+        reply = self._config(WiFiConfigPayload(msg=WiFiConfigMsgType.TypeCmdGetStatus, cmd_get_status=CmdGetStatus()))
         if reply.resp_get_status is None:
             raise ProvisioningError("prov-config: get status answered without a status")
         return reply.resp_get_status
 
-    def wait_wifi(self, timeout: float = 30.0, *, clock: Callable[[], float] = time.monotonic) -> WifiOutcome:
+    def _config(self, request: WiFiConfigPayload) -> WiFiConfigPayload:
+        return self.call("prov-config", request, WiFiConfigPayload)
+
+    def wait_wifi(self, timeout: float = 30.0) -> WifiOutcome:
         """Poll Wi-Fi status until connected or failed (the device has no push channel)."""
-        deadline = clock() + timeout
-        while True:
-            status = self.wifi_status()
-            state = WifiStationState(status.sta_state)
-            if state == WifiStationState.Connected:
-                addr = status.connected.ip4_addr if status.connected is not None else None
-                return WifiOutcome(state, ip4_addr=addr)
-            if state in (WifiStationState.ConnectionFailed, WifiStationState.Disconnected) and status.has("fail_reason"):
-                return WifiOutcome(state, WifiConnectFailedReason(status.fail_reason))
-            if clock() >= deadline:
-                return WifiOutcome(state)
-            time.sleep(STATUS_POLL_S)
+        status = poll_until(self.wifi_status, _wifi_settled, timeout, STATUS_POLL_S)
+        state = WifiStationState(status.sta_state)
+        if state == WifiStationState.Connected:
+            return WifiOutcome(state, ip4_addr=status.connected.ip4_addr if status.connected is not None else None)
+        if _wifi_settled(status):  # failed, and the device said why
+            return WifiOutcome(state, WifiConnectFailedReason(status.fail_reason))
+        return WifiOutcome(state)
 
     def reset_wifi(self) -> None:
         """``prov-ctrl`` reset: lets the user retry after a failed attempt."""
         request = WiFiCtrlPayload(msg=WiFiCtrlMsgType.TypeCmdCtrlReset, cmd_ctrl_reset=CmdCtrlReset())
         reply = self.call("prov-ctrl", request, WiFiCtrlPayload)
         if reply.status != Status.Success:
-            raise ProvisioningError(f"prov-ctrl reset answered {Status(reply.status).name}")
+            raise ProvisioningError(f"prov-ctrl reset answered {status_name(reply.status)}")
 
     @staticmethod
     def _expect_ok(resp: Any, step: str) -> None:
         if resp is None or resp.status != Status.Success:
-            raise ProvisioningError(f"prov-config {step}: the device answered {'nothing' if resp is None else Status(resp.status).name}")
+            raise ProvisioningError(f"prov-config {step}: the device answered {'nothing' if resp is None else status_name(resp.status)}")
+
+
+def _wifi_settled(status: RespGetStatus) -> bool:
+    """Connected, or failed with a reason (esp_prov stops polling there too); Connecting and a bare Disconnected go on."""
+    if status.sta_state == WifiStationState.Connected:
+        return True
+    return status.sta_state in (WifiStationState.ConnectionFailed, WifiStationState.Disconnected) and status.has("fail_reason")
 
 
 def provision_wifi(client: ProvisioningClient, ssid: str, passphrase: str, user_id: str, secret_key: str,

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from rig.evidence.redaction import SECRETS
+from rig.prov.polling import poll_until
 
-MAPPING_POLL_S = 1.0
-"""The CLI polls every 5 s; the rig polls faster to keep suites short (the cloud is local)."""
+CLOUD_POLL_S = 1.0
+"""How often the rig polls the REST API. The CLI polls every 5 s; the rig polls faster to keep suites short (the cloud is local)."""
 FINAL_MAPPING_STATES = ("confirmed", "timedout", "discarded")
 
 
@@ -100,26 +99,16 @@ class RainMakerUser:
     def mapping_status(self, request_id: str) -> str:
         return str(self._call("GET", "/v1/user/nodes/mapping", params={"request_id": request_id})["request_status"])
 
-    def wait_mapping(self, request_id: str, timeout: float = 60.0, *, clock: Callable[[], float] = time.monotonic) -> str:
+    def wait_mapping(self, request_id: str, timeout: float = 60.0) -> str:
         """Poll the request until it is final; returns the final state (or the last seen one at *timeout*)."""
-        deadline = clock() + timeout
-        status = self.mapping_status(request_id)
-        while status not in FINAL_MAPPING_STATES and clock() < deadline:
-            time.sleep(MAPPING_POLL_S)  # polling the cloud, as the phone app does: there is no event to wait on
-            status = self.mapping_status(request_id)
-        return status
+        return poll_until(lambda: self.mapping_status(request_id), lambda s: s in FINAL_MAPPING_STATES, timeout, CLOUD_POLL_S)
 
-    def wait_any_mapping(self, request_ids: list[str], timeout: float = 60.0, *,
-                         clock: Callable[[], float] = time.monotonic) -> dict[str, str]:  # fmt: skip
+    def wait_any_mapping(self, request_ids: list[str], timeout: float = 60.0) -> dict[str, str]:
         """Poll several requests of this user until one of them is final (or *timeout* passes);
         returns every request's last seen state. A suite racing a wrong secret against the right
         one learns at once which of them the cloud confirmed, instead of waiting out the window."""
-        deadline = clock() + timeout
-        states = {rid: self.mapping_status(rid) for rid in request_ids}
-        while not any(s in FINAL_MAPPING_STATES for s in states.values()) and clock() < deadline:
-            time.sleep(MAPPING_POLL_S)  # polling the cloud, as the phone app does: there is no event to wait on
-            states = {rid: self.mapping_status(rid) for rid in request_ids}
-        return states
+        return poll_until(lambda: {rid: self.mapping_status(rid) for rid in request_ids},
+                          lambda states: any(s in FINAL_MAPPING_STATES for s in states.values()), timeout, CLOUD_POLL_S)  # fmt: skip
 
     # ------------------------------------------------------------------ nodes
 
@@ -129,10 +118,6 @@ class RainMakerUser:
     def node_config(self, node_id: str) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/user/nodes/config", params={"node_id": node_id}))
 
-    def node_connected(self, node_id: str) -> bool:
-        status = self._call("GET", "/v1/user/nodes/status", params={"node_id": node_id})
-        return bool(status.get("connectivity", {}).get("connected"))
-
     def params(self, node_id: str) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/user/nodes/params", params={"node_id": node_id}))
 
@@ -140,17 +125,11 @@ class RainMakerUser:
         """The multi-node form the CLI and app send; returns the per-node results."""
         return list(self._call("PUT", "/v1/user/nodes/params", json=[{"node_id": node_id, "payload": payload}]))
 
-    def wait_param(self, node_id: str, device: str, param: str, value: Any, timeout: float = 30.0, *,
-                   clock: Callable[[], float] = time.monotonic) -> Any:  # fmt: skip
+    def wait_param(self, node_id: str, device: str, param: str, value: Any, timeout: float = 30.0) -> Any:
         """Poll the node's reported params until ``device.param`` equals *value*; returns the last
         value seen (``None`` if never reported). The cloud learns a value only when the node
         reports it on ``params/local``, so this is the cloud's view of what the node applied."""
-        deadline = clock() + timeout
-        seen = self.params(node_id).get(device, {}).get(param)
-        while seen != value and clock() < deadline:
-            time.sleep(MAPPING_POLL_S)  # the REST API has no push; the app polls too
-            seen = self.params(node_id).get(device, {}).get(param)
-        return seen
+        return poll_until(lambda: self.params(node_id).get(device, {}).get(param), lambda seen: seen == value, timeout, CLOUD_POLL_S)
 
     # ------------------------------------------------------------------ sharing (rainmaker-protocol.md §3.4)
 
