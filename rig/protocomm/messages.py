@@ -445,6 +445,18 @@ class RMakerConfigPayload(Message):
 
 # --- esp_local_ctrl.proto --------------------------------------------------------------------------
 
+LOCAL_CTRL_PORT = 8080
+"""``CONFIG_ESP_RMAKER_LOCAL_CTRL_HTTP_PORT`` default (and esp_rainmaker_ctrl's ``--port``)."""
+LOCAL_CTRL_VERSION_EP = "esp_local_ctrl/version"
+LOCAL_CTRL_SESSION_EP = "esp_local_ctrl/session"
+LOCAL_CTRL_CONTROL_EP = "esp_local_ctrl/control"
+"""esp-idf ``components/esp_local_ctrl/src/esp_local_ctrl.c``: the protocomm endpoint names."""
+LOCAL_CTRL_PROP_FLAG_READONLY = 1 << 0
+"""esp_rmaker_local_ctrl.c ``enum property_flags``: RainMaker sets it on the ``config`` property."""
+LOCAL_CTRL_DEFAULT_SECURITY = 1
+"""``CONFIG_ESP_RMAKER_LOCAL_CTRL_SECURITY`` default (security 1), also what a client assumes when
+the version endpoint does not say."""
+
 
 class LocalCtrlMsgType(IntEnum):
     TypeCmdGetPropertyCount = 0

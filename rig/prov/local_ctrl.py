@@ -30,6 +30,12 @@ from typing import Any, ClassVar
 from rig.evidence.redaction import SECRETS
 from rig.protocomm.errors import ProtobufDecodeError
 from rig.protocomm.messages import (
+    LOCAL_CTRL_CONTROL_EP,
+    LOCAL_CTRL_DEFAULT_SECURITY,
+    LOCAL_CTRL_PORT,
+    LOCAL_CTRL_PROP_FLAG_READONLY,
+    LOCAL_CTRL_SESSION_EP,
+    LOCAL_CTRL_VERSION_EP,
     CmdGetPropertyCount,
     CmdGetPropertyValues,
     CmdSetPropertyValues,
@@ -43,21 +49,12 @@ from rig.prov.polling import poll_until
 from rig.prov.rainmaker_api import CLOUD_POLL_S, RainMakerUser
 from rig.prov.session import SessionClient, status_name
 
-LOCAL_CTRL_PORT = 8080
-"""``CONFIG_ESP_RMAKER_LOCAL_CTRL_HTTP_PORT`` default (the CLI's ``--port`` default too)."""
-ENDPOINT_VERSION = "esp_local_ctrl/version"
-ENDPOINT_SESSION = "esp_local_ctrl/session"
-ENDPOINT_CONTROL = "esp_local_ctrl/control"
-PROP_FLAG_READONLY = 1 << 0
-"""RainMaker's ``PROP_FLAG_READONLY`` on the ``config`` property."""
 CONFIG_PROPERTY, PARAMS_PROPERTY = "config", "params"
 SERVICE_TYPE = "esp.service.local_control"
 POP_PARAM_TYPE, TYPE_PARAM_TYPE = "esp.param.local_control_pop", "esp.param.local_control_type"
 SERVICE_NAME, POP_PARAM, TYPE_PARAM, USERNAME_PARAM = "Local Control", "POP", "Type", "Username"
 """RainMaker's names (``ESP_RMAKER_LOCAL_CTRL_DEVICE_NAME``, ``ESP_RMAKER_DEF_LOCAL_CONTROL_POP``/``_TYPE``);
 :func:`local_control_service` finds the service by type first, so a renamed one is found too."""
-DEFAULT_SECURITY = 1
-"""The scheme to assume when the version endpoint does not say (esp_rainmaker_ctrl ``--sec_ver`` default)."""
 
 
 class LocalControlError(RuntimeError):
@@ -105,7 +102,7 @@ class Property:
 
     @property
     def readonly(self) -> bool:
-        return bool(self.flags & PROP_FLAG_READONLY)
+        return bool(self.flags & LOCAL_CTRL_PROP_FLAG_READONLY)
 
     def json(self) -> Any:
         try:
@@ -158,20 +155,20 @@ class LocalControlClient(SessionClient):
 
     version: LocalCtrlVersion | None = None
 
-    session_endpoint: ClassVar[str] = ENDPOINT_SESSION
+    session_endpoint: ClassVar[str] = LOCAL_CTRL_SESSION_EP
     error: ClassVar[type[Exception]] = LocalControlError
 
     # ------------------------------------------------------------------ plaintext endpoints
 
     def get_version(self) -> LocalCtrlVersion:
-        self.version = LocalCtrlVersion.parse(self.transport.send(ENDPOINT_VERSION, b"---"))
+        self.version = LocalCtrlVersion.parse(self.transport.send(LOCAL_CTRL_VERSION_EP, b"---"))
         return self.version
 
     def open_session(self, sec_ver: int | None = None) -> ClientSecurity:
         """The ``esp_local_ctrl/session`` handshake with scheme *sec_ver* (default: what the version
         endpoint announces, else security 1). ``SessionError`` or a transport error when refused."""
         version = self.version or self.get_version()
-        chosen = sec_ver if sec_ver is not None else (version.sec_ver if version.sec_ver is not None else DEFAULT_SECURITY)
+        chosen = sec_ver if sec_ver is not None else (version.sec_ver if version.sec_ver is not None else LOCAL_CTRL_DEFAULT_SECURITY)
         return self._handshake(chosen, version.sec_patch_ver)
 
     # ------------------------------------------------------------------ the control endpoint
@@ -179,19 +176,19 @@ class LocalControlClient(SessionClient):
     def send_control(self, plaintext: bytes) -> bytes:
         """*plaintext* to ``esp_local_ctrl/control`` through the session (as is without one); the plaintext answer."""
         if self.security is None:
-            return self.transport.send(ENDPOINT_CONTROL, plaintext)
-        return self.security.decrypt(self.transport.send(ENDPOINT_CONTROL, self.security.encrypt(plaintext)))
+            return self.transport.send(LOCAL_CTRL_CONTROL_EP, plaintext)
+        return self.security.decrypt(self.transport.send(LOCAL_CTRL_CONTROL_EP, self.security.encrypt(plaintext)))
 
     def call(self, request: LocalCtrlMessage) -> LocalCtrlMessage:
         """Send *request* through the session, decode the answer; the caller judges its status."""
-        answer = self._exchange(ENDPOINT_CONTROL, request.encode())
+        answer = self._exchange(LOCAL_CTRL_CONTROL_EP, request.encode())
         try:
             reply = LocalCtrlMessage.decode(answer)
         except ProtobufDecodeError as exc:
-            raise LocalControlError(f"{ENDPOINT_CONTROL}: the node's answer is not a LocalCtrlMessage ({exc})") from exc
+            raise LocalControlError(f"{LOCAL_CTRL_CONTROL_EP}: the node's answer is not a LocalCtrlMessage ({exc})") from exc
         if int(reply.msg) != int(request.msg) + 1:
             asked = LocalCtrlMsgType(request.msg).name
-            raise LocalControlError(f"{ENDPOINT_CONTROL}: asked {asked}, the node answered message type {int(reply.msg)}")
+            raise LocalControlError(f"{LOCAL_CTRL_CONTROL_EP}: asked {asked}, the node answered message type {int(reply.msg)}")
         return reply
 
     def property_count(self) -> int:

@@ -27,7 +27,7 @@ esp-idf ``components/esp_local_ctrl`` (rainmaker-protocol.md §4.7, last bullet)
   the mapped user's phone app learns the PoP. The service has no write callback: writes to it
   change nothing;
 * **properties** (``esp_local_ctrl_add_property``): index 0 ``config`` (type 1
-  ``PROP_TYPE_NODE_CONFIG``, flag ``PROP_FLAG_READONLY``) = the node config JSON, index 1
+  ``PROP_TYPE_NODE_CONFIG``, flag ``LOCAL_CTRL_PROP_FLAG_READONLY``) = the node config JSON, index 1
   ``params`` (type 2 ``PROP_TYPE_NODE_PARAMS``, flags 0) = the params JSON; setting
   ``params`` is ``esp_rmaker_handle_set_params(…, ESP_RMAKER_REQ_SRC_LOCAL)``: applied like a
   cloud write (source ``Local``) and reported on ``params/local``.
@@ -52,6 +52,12 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from rig.protocomm.messages import (
+    LOCAL_CTRL_CONTROL_EP,
+    LOCAL_CTRL_DEFAULT_SECURITY,
+    LOCAL_CTRL_PORT,
+    LOCAL_CTRL_PROP_FLAG_READONLY,
+    LOCAL_CTRL_SESSION_EP,
+    LOCAL_CTRL_VERSION_EP,
     LocalCtrlMessage,
     LocalCtrlMsgType,
     PropertyInfo,
@@ -69,12 +75,8 @@ from rig.vboard.node.protocomm_server import SEC2_PATCH_VERSION, ProtocommServer
 if TYPE_CHECKING:
     from rig.vboard.node.node import RainMakerNode
 
-HTTP_PORT = 8080
-"""``CONFIG_ESP_RMAKER_LOCAL_CTRL_HTTP_PORT`` default."""
 MAX_OPEN_SOCKETS = 4
 """``HTTPD_SSL_CONFIG_DEFAULT``: four sockets, ``lru_purge_enable = true``."""
-DEFAULT_SECURITY = 1
-"""``CONFIG_ESP_RMAKER_LOCAL_CTRL_SECURITY`` default (``ESP_RMAKER_LOCAL_CTRL_SECURITY_1``)."""
 SECURITY_EXTRA_KEY = "local_ctrl_security"
 """Behaviour-manifest ``extra`` key an image sets to run security 2 instead."""
 NVS_NAMESPACE, NVS_POP_KEY = "local_ctrl", "pop"
@@ -82,9 +84,6 @@ NVS_NAMESPACE, NVS_POP_KEY = "local_ctrl", "pop"
 POP_RANDOM_BYTES = 4
 """``esp_rmaker_local_ctrl_get_pop``: ``%02x`` of the first four random bytes (``ESP_RMAKER_POP_LEN`` 9 with the NUL)."""
 LOCAL_CTRL_VERSION = "v1.0"
-ENDPOINT_VERSION = "esp_local_ctrl/version"
-ENDPOINT_SESSION = "esp_local_ctrl/session"
-ENDPOINT_CONTROL = "esp_local_ctrl/control"
 
 TAG_LOCAL = "esp_rmaker_local"
 POP_GENERATED = LogMessage("I", TAG_LOCAL, "Couldn't find POP in NVS. Generating a new one.")
@@ -102,8 +101,6 @@ class PropertyType(IntEnum):
     NODE_PARAMS = 2
 
 
-PROP_FLAG_READONLY = 1 << 0
-"""``enum property_flags``."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ class LocalCtrlProperty:
 
 
 PROPERTIES: tuple[LocalCtrlProperty, ...] = (
-    LocalCtrlProperty("config", PropertyType.NODE_CONFIG, PROP_FLAG_READONLY),
+    LocalCtrlProperty("config", PropertyType.NODE_CONFIG, LOCAL_CTRL_PROP_FLAG_READONLY),
     LocalCtrlProperty("params", PropertyType.NODE_PARAMS, 0),
 )
 """Registered in this order by ``__esp_rmaker_start_local_ctrl_service``: indices 0 and 1."""
@@ -178,7 +175,7 @@ class LocalControlEndpoints:
     def _set_values(self, values: list[tuple[int, bytes]]) -> Status:
         if not values or any(index >= len(self.properties) for index, _ in values):
             return Status.InvalidArgument
-        if any(self.properties[index].flags & PROP_FLAG_READONLY for index, _ in values):
+        if any(self.properties[index].flags & LOCAL_CTRL_PROP_FLAG_READONLY for index, _ in values):
             return Status.InvalidArgument  # "%s is read-only": nothing is applied
         for index, value in values:
             if self.properties[index].type is PropertyType.NODE_PARAMS and not self.node.handle_set_params(value, SOURCE_LOCAL):
@@ -192,7 +189,7 @@ class LocalControl(ProtocommServer):
 
     what = "local control"
 
-    def __init__(self, node: RainMakerNode, pop: str, security: int, port: int = HTTP_PORT):
+    def __init__(self, node: RainMakerNode, pop: str, security: int, port: int = LOCAL_CTRL_PORT):
         super().__init__(node.runtime, node.address, port, max_open_sockets=MAX_OPEN_SOCKETS)
         self.node = node
         self.pop = pop
@@ -200,9 +197,9 @@ class LocalControl(ProtocommServer):
         self.no_pop = "local_ctrl_no_pop" in node.flaws
         self.endpoints = LocalControlEndpoints(node)
         device_security = self._device_security()
-        self.protocomm.set_version(ENDPOINT_VERSION, version_json(security, device_security.patch_version))
-        self.protocomm.set_security(ENDPOINT_SESSION, device_security)
-        self.protocomm.add_endpoint(ENDPOINT_CONTROL, self.endpoints.control)
+        self.protocomm.set_version(LOCAL_CTRL_VERSION_EP, version_json(security, device_security.patch_version))
+        self.protocomm.set_security(LOCAL_CTRL_SESSION_EP, device_security)
+        self.protocomm.add_endpoint(LOCAL_CTRL_CONTROL_EP, self.endpoints.control)
 
     @property
     def reported_pop(self) -> str:
@@ -230,10 +227,10 @@ def stored_pop(node: RainMakerNode) -> str:
 
 def image_security(node: RainMakerNode) -> int:
     """The image's local-control scheme: 2 when its manifest asks for it, else RainMaker's default 1."""
-    return 2 if node.behaviour.extra.get(SECURITY_EXTRA_KEY) == 2 else DEFAULT_SECURITY
+    return 2 if node.behaviour.extra.get(SECURITY_EXTRA_KEY) == 2 else LOCAL_CTRL_DEFAULT_SECURITY
 
 
-def start_local_control(node: RainMakerNode, port: int = HTTP_PORT) -> LocalControl | None:
+def start_local_control(node: RainMakerNode, port: int = LOCAL_CTRL_PORT) -> LocalControl | None:
     """``esp_rmaker_start_local_ctrl_service(node_id)``: add the Local Control service to the
     node, start the server on the node's address, log as RainMaker does. The runtime tracks the
     server, so a reset closes it. None (and a log line on stderr) when it cannot listen."""
@@ -252,7 +249,7 @@ def start_local_control(node: RainMakerNode, port: int = HTTP_PORT) -> LocalCont
 
 
 __all__ = [
-    "HTTP_PORT",
+    "LOCAL_CTRL_PORT",
     "PROPERTIES",
     "LocalControl",
     "LocalControlEndpoints",
