@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,7 +13,7 @@ from rig.cloud.pki import LabPki
 from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.virtual_set import ensure_signing_key, ensure_virtual_set
 from rig.lab import BoardSpec
-from tests.vboard_process import BoardProcess, vboard_factory  # noqa: F401  (fixture)
+from tests.vboard_process import BoardFactory, vboard_factory  # noqa: F401  (fixture)
 
 
 def test_node_id_is_the_base_mac_in_upper_hex() -> None:
@@ -29,14 +28,10 @@ def test_mqtt_host_carries_a_port_only_off_rainmakers_port() -> None:
 
 
 @pytest.fixture(scope="module")
-def board_proc(vboard_factory) -> BoardProcess:  # noqa: F811
-    return vboard_factory("claimb")
-
-
-@pytest.fixture(scope="module")
-def board(board_proc: BoardProcess) -> Iterator[Board]:
-    spec = BoardSpec(name=board_proc.name, kind="virtual", chip="esp32c3")
-    yield Board(spec=spec, port=board_proc.url, log=logging.getLogger("test.claim"))
+def board(vboard_factory: BoardFactory) -> Board:  # noqa: F811
+    """A new virtual board, driven through the rig's own Board; stopped with the module's boards."""
+    proc = vboard_factory("claimb")
+    return Board(spec=BoardSpec(name=proc.name, kind="virtual", chip="esp32c3"), port=proc.url, log=logging.getLogger("test.claim"))
 
 
 def test_claim_needs_a_partition_table_on_the_board(board: Board) -> None:

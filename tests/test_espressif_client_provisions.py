@@ -29,15 +29,26 @@ from typing import Any
 
 import pytest
 
-from rig.boards.virtual_ports import default_board_address, radio_network, write_radio_file
-from rig.cloud.fctry import build_fctry
+from rig.boards.virtual_ports import radio_network, write_radio_file
 from rig.cloud.pki import LabPki
 from rig.firmware.build_dir import IdfBuildDir
 from rig.firmware.flawed_set import write_flawed_build
-from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.virtual_set import ensure_virtual_set
 from tests import espressif_prov_client
-from tests.vboard_process import BoardProcess, SerialMonitor, output, pinned_esptool, start_board
+from tests.node_process import (
+    BOOT_S,
+    FCTRY_AT,
+    NVS,
+    STEP_S,
+    UNREACHABLE_MQTT,
+    Node,
+    erased_nvs,
+    flash_files,
+    node_fctry,
+    running_node,
+    write_flash,
+)
+from tests.vboard_process import SerialMonitor, start_board
 
 prov_util: ModuleType = espressif_prov_client.module("rmaker_prov.prov.prov_util")
 rainmaker_prov: ModuleType = espressif_prov_client.module("rmaker_prov.esp_rainmaker_prov")
@@ -49,8 +60,6 @@ LAB_AP = radio_network(SSID, PASSPHRASE)
 RANDOM = bytes(range(0x40, 0x80))
 """fctry ``random``: PoP ``40414243`` (first 4 bytes), service name ``PROV_7d7e7f`` (last 3)."""
 POP, SERVICE_NAME = "40414243", "PROV_7d7e7f"
-UNREACHABLE_MQTT = "127.0.0.1:9"
-"""No broker: the node joins Wi-Fi and then fails to reach MQTT, which these tests do not judge."""
 HTTP_PORT = 80
 PROV_VERSION = "v1.1"
 """``WIFI_PROV_MGR_VERSION`` (esp-idf ``components/wifi_provisioning/src/manager.c``)."""
@@ -61,10 +70,6 @@ Part of the client's behaviour under test, not a synchronisation."""
 CONNECT_S = 60.0
 DONE_S = 10.0
 """Client read Connected → service stopped: the manager's cleanup delay (1 s) plus slack."""
-BOOT_S = 60.0
-STEP_S = 60.0  # an upper bound: a 2-core CI host running two test modules can be slow
-NVS = RAINMAKER_4MB["nvs"]
-FCTRY_AT = RAINMAKER_4MB["fctry"].offset
 QR_LINE = re.compile(r"QRCODE: (\{[^\r\n]*\})\r\n")
 MISMATCH_LINE = re.compile(r"E \(\d+\) app_network: Received incorrect PoP or invalid security params! event: 2\r\n")
 
@@ -77,44 +82,25 @@ class Images:
 
 
 @dataclass
-class VirtualNode:
-    """The module's board: which image it holds, its console while a test runs."""
+class VirtualNode(Node):
+    """The module's board: which image it holds, the QR its last boot printed."""
 
-    board: BoardProcess
-    node_id: str
     blank_nvs: Path
     image: IdfBuildDir | None = None
-    monitor: SerialMonitor | None = None
     qr: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def address(self) -> str:
-        return default_board_address(self.board.name)
-
-    def release(self) -> None:
-        """Close the console so esptool can have the port."""
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
 
     def boot_fresh(self, image: IdfBuildDir) -> SerialMonitor:
         """Factory state for *image*: write it if the board holds another, erase ``nvs``, reset,
         and wait for the provisioning QR block."""
         self.release()
         files: list[str | Path] = [] if image is self.image else flash_files(image)
-        proc = pinned_esptool(self.board.url, "--after", "no-reset", "write-flash", *files, hex(NVS.offset), self.blank_nvs)
-        assert proc.returncode == 0, output(proc)
+        write_flash(self.board, *files, hex(NVS.offset), self.blank_nvs)
         self.image = image
-        self.monitor = SerialMonitor(self.board.url)
-        self.monitor.hard_reset()
-        match = self.monitor.expect(QR_LINE.pattern, BOOT_S)
-        self.monitor.expect(r"Provisioning will auto stop after \d+ minute\(s\)\.", STEP_S)
+        mon = self.boot()
+        match = mon.expect(QR_LINE.pattern, BOOT_S)
+        mon.expect(r"Provisioning will auto stop after \d+ minute\(s\)\.", STEP_S)
         self.qr = json.loads(match.group(1))
-        return self.monitor
-
-
-def flash_files(build: IdfBuildDir) -> list[str | Path]:
-    return [x for off, path in sorted(build.flash_files.items()) for x in (hex(off), path)]
+        return mon
 
 
 @pytest.fixture(scope="module")
@@ -130,22 +116,12 @@ def node(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[V
     state = tmp_path_factory.mktemp("espressif-client-lab")
     write_radio_file(state, [LAB_AP, NEIGHBOUR])
     node_id = f"espressif-client-{uuid.uuid4().hex[:8]}"
-    pki = LabPki(state / "pki")
-    fctry = build_fctry(state / "fctry", node_id, UNREACHABLE_MQTT, pki.node_cert(node_id), RANDOM,
-                        server_cert=pki.ca_cert_path).bin_path  # fmt: skip
-    blank = state / "nvs-erased.bin"
-    blank.write_bytes(b"\xff" * NVS.size)
-    board = start_board(BOARD, state)
-    virtual = VirtualNode(board, node_id, blank)
-    try:
-        proc = pinned_esptool(board.url, "--after", "no-reset", "write-flash", *flash_files(images.base), hex(FCTRY_AT), fctry)
-        assert proc.returncode == 0, output(proc)
-        virtual.image = images.base
+    # no broker: the node joins Wi-Fi and then fails to reach MQTT, which these tests do not judge
+    fctry = node_fctry(state / "fctry", node_id, UNREACHABLE_MQTT, LabPki(state / "pki"), RANDOM)
+    blank = erased_nvs(state)
+    virtual = VirtualNode(start_board(BOARD, state), node_id, blank, images.base)
+    with running_node(virtual, *flash_files(images.base), hex(FCTRY_AT), fctry):
         yield virtual
-    finally:
-        virtual.release()
-        assert board.stop() == 0, board.log_text()[-3000:]
-    assert "Traceback" not in board.log_text(), board.log_text()[-3000:]
 
 
 # --------------------------------------------------------------------------- Espressif's client

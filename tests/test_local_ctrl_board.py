@@ -24,17 +24,15 @@ from typing import Any
 
 import pytest
 
-from rig.boards.virtual_ports import default_board_address, radio_network, write_radio_file
-from rig.cloud.fctry import build_fctry, read_nvs
+from rig.boards.virtual_ports import radio_network, write_radio_file
 from rig.cloud.pki import LabPki
-from rig.firmware.build_dir import IdfBuildDir
-from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.virtual_set import ensure_virtual_set
 from rig.protocomm.errors import SessionError
 from rig.prov.local_ctrl import LOCAL_CTRL_PORT, LocalControlClient
 from rig.prov.transport_http import SoftApHttpTransport, TransportError
 from tests import espressif_prov_client
-from tests.vboard_process import BoardProcess, SerialMonitor, output, pinned_esptool, start_board
+from tests.node_process import BOOT_S, FCTRY_AT, NVS, STEP_S, UNREACHABLE_MQTT, Node, erased_nvs, flash_files, node_fctry, running_node
+from tests.vboard_process import SerialMonitor, start_board
 
 espressif_ctrl: ModuleType = espressif_prov_client.module("rmaker_local_ctrl.esp_rainmaker_ctrl")
 espressif_http: ModuleType = espressif_prov_client.module("common.transport.transport_http")
@@ -43,11 +41,6 @@ BOARD = "local-ctrl"
 SSID, PASSPHRASE = "lc-lab", "lc-lab-passphrase"
 RANDOM = bytes(range(0x20, 0x60))
 """fctry ``random``: provisioning PoP ``20212223``; the local-control PoP is the node's own."""
-UNREACHABLE_MQTT = "127.0.0.1:9"
-BOOT_S = 60.0
-STEP_S = 60.0  # an upper bound: a 2-core CI host running two test modules can be slow
-NVS = RAINMAKER_4MB["nvs"]
-FCTRY_AT = RAINMAKER_4MB["fctry"].offset
 STARTED = (
     "esp_rmaker_local: Local Control Service Enabled",
     "esp_rmaker_local: Starting ESP Local control with HTTP Transport and security version: 1",
@@ -60,51 +53,15 @@ GENERATED = "esp_rmaker_local: Couldn't find POP in NVS. Generating a new one."
 
 
 @dataclass
-class LocalCtrlNode:
-    board: BoardProcess
-    node_id: str
-    monitor: SerialMonitor | None = None
+class LocalCtrlNode(Node):
     pops: list[str] = field(default_factory=list)
     """Every PoP the node stored, in order (read back from its nvs partition)."""
 
-    @property
-    def address(self) -> str:
-        return default_board_address(self.board.name)
-
-    def console(self) -> SerialMonitor:
-        if self.monitor is None:
-            self.monitor = SerialMonitor(self.board.url)
-        return self.monitor
-
-    def boot(self) -> SerialMonitor:
-        mon = self.console()
-        mon.text = ""
-        mon.hard_reset()
-        return mon
-
-    def command(self, line: str) -> SerialMonitor:
-        mon = self.console()
-        mon.text = ""
-        mon.write_line(line)
-        return mon
-
-    def release(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
-
     def stored_pop(self, dest: Path) -> str:
         """The ``local_ctrl``/``pop`` blob of the nvs partition, read with esptool."""
-        self.release()
-        proc = pinned_esptool(self.board.url, "--after", "no-reset", "read-flash", hex(NVS.offset), hex(NVS.size), dest)
-        assert proc.returncode == 0, output(proc)
-        blob = read_nvs(dest.read_bytes()).get("local_ctrl", {}).get("pop")
+        blob = self.read_nvs(dest).get("local_ctrl", {}).get("pop")
         assert blob is not None, "the node keeps no local_ctrl/pop in its nvs partition"
         return blob.decode("ascii")
-
-
-def flash_files(build: IdfBuildDir) -> list[str | Path]:
-    return [x for off, path in sorted(build.flash_files.items()) for x in (hex(off), path)]
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +70,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCtrlNode]:
     write_radio_file(state, [radio_network(SSID, PASSPHRASE)])
     base = ensure_virtual_set(state / "virtual", state / "sbv2.pem").build("base")
     node_id = f"local-ctrl-{uuid.uuid4().hex[:8]}"
-    pki = LabPki(state / "pki")
-    fctry = build_fctry(state / "fctry", node_id, UNREACHABLE_MQTT, pki.node_cert(node_id), RANDOM,
-                        server_cert=pki.ca_cert_path).bin_path  # fmt: skip
-    blank = state / "nvs-erased.bin"
-    blank.write_bytes(b"\xff" * NVS.size)
-    board = start_board(BOARD, state)
-    virtual = LocalCtrlNode(board, node_id)
-    try:
-        proc = pinned_esptool(board.url, "--after", "no-reset", "write-flash", *flash_files(base), hex(FCTRY_AT), fctry,
-                              hex(NVS.offset), blank)  # fmt: skip
-        assert proc.returncode == 0, output(proc)
+    fctry = node_fctry(state / "fctry", node_id, UNREACHABLE_MQTT, LabPki(state / "pki"), RANDOM)
+    with running_node(LocalCtrlNode(start_board(BOARD, state), node_id), *flash_files(base), hex(FCTRY_AT), fctry,
+                      hex(NVS.offset), erased_nvs(state)) as virtual:  # fmt: skip
         yield virtual
-    finally:
-        virtual.release()
-        assert board.stop() == 0, board.log_text()[-3000:]
-    assert "Traceback" not in board.log_text(), board.log_text()[-3000:]
 
 
 def expect_started(node: LocalCtrlNode, mon: SerialMonitor, timeout: float) -> None:

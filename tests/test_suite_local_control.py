@@ -10,18 +10,14 @@ boards.yaml), its own in-process cloud.
 
 from __future__ import annotations
 
-import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from rig.firmware.flawed_set import write_flawed_build
 from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
-from tests.suite_runs import failure_excerpt
+from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_tests, virtual_lab
 
-REPO = Path(__file__).resolve().parents[1]
 SUITE = "suites/test_local_control.py"
 CLEAN_BOARD = "lc-clean"
 FLAWED_BOARD = "lc-nopop"
@@ -39,36 +35,24 @@ def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedP
     key = ensure_signing_key(root / "key.pem")
     build_virtual_set(root / "sets" / "clean", key)
     write_flawed_build(root / "sets" / FLAW / "base", [FLAW], key)
-    lab = root / "boards.yaml"
-    lab.write_text(
-        "lab: local-control-meta\nstack: {kind: local}\n"
-        "wifi:\n  - ssid: lc-meta-lab\n    passphrase: lc-meta-lab-passphrase\n"
-        f"boards:\n  - name: {CLEAN_BOARD}\n    kind: virtual\n    firmware: {root / 'sets' / 'clean'}\n"
-        f"  - name: {FLAWED_BOARD}\n    kind: virtual\n    firmware: {root / 'sets' / FLAW}\n"
-    )
-    selected = [f"{SUITE}::{name}[{CLEAN_BOARD}]" for name in suite_tests()]
+    lab = virtual_lab(root / "boards.yaml", "local-control-meta",
+                      {CLEAN_BOARD: root / "sets" / "clean", FLAWED_BOARD: root / "sets" / FLAW})  # fmt: skip
+    selected = [f"{SUITE}::{name}[{CLEAN_BOARD}]" for name in suite_tests(SUITE)]
     selected += [f"{SUITE}::{name}[{FLAWED_BOARD}]" for name in CAUGHT_BY]
-    argv = [sys.executable, "-m", "pytest", *selected, f"--boards={lab}", f"--rig-run-dir={root / 'run'}", "-q", "-rA",
-            "-p", "no:randomly"]  # fmt: skip
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-
-
-def suite_tests() -> list[str]:
-    return re.findall(r"^def (test_\w+)\(", (REPO / SUITE).read_text(), re.MULTILINE)
+    return run_suites(selected, lab, root / "run")
 
 
 def test_the_suite_has_the_tests_this_meta_test_names() -> None:
-    assert set(CAUGHT_BY) <= set(suite_tests())
+    assert set(CAUGHT_BY) <= set(suite_tests(SUITE))
 
 
 def test_clean_board_passes_every_local_control_test(suite_run: subprocess.CompletedProcess[str]) -> None:
-    for name in suite_tests():
+    for name in suite_tests(SUITE):
         assert f"PASSED {SUITE}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, failure_excerpt(suite_run.stdout)
 
 
 @pytest.mark.parametrize("test", sorted(CAUGHT_BY))
 def test_local_control_without_a_pop_fails_the_suite(suite_run: subprocess.CompletedProcess[str], test: str) -> None:
-    failed = f"FAILED {SUITE}::{test}[{FLAWED_BOARD}]"
-    lines = [line for line in suite_run.stdout.splitlines() if line.startswith(failed)]
-    assert lines, f"expected {failed}\n{failure_excerpt(suite_run.stdout)}"
-    assert CAUGHT_BY[test] in "\n".join(lines) or CAUGHT_BY[test] in suite_run.stdout, lines  # the summary line may be cut
+    assert f"FAILED {SUITE}::{test}[{FLAWED_BOARD}]" in suite_run.stdout, f"{test} did not fail\n{failure_excerpt(suite_run.stdout)}"
+    raised = failure_report(suite_run.stdout, f"{test}[{FLAWED_BOARD}]")
+    assert CAUGHT_BY[test] in raised, f"{test} failed, but not on its check ({CAUGHT_BY[test]!r}): {raised}"

@@ -8,18 +8,14 @@ board running every test of those suites, which must pass. The suites run exactl
 
 from __future__ import annotations
 
-import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from rig.firmware.flawed_set import write_flawed_build
 from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
-from tests.suite_runs import failure_excerpt
+from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_tests, virtual_lab
 
-REPO = Path(__file__).resolve().parents[1]
 PROVISIONING = "suites/test_provisioning.py"
 FACTORY_RESET = "suites/test_factory_reset.py"
 SUITES = (PROVISIONING, FACTORY_RESET)
@@ -42,37 +38,29 @@ def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedP
     root = tmp_path_factory.mktemp("nodesuites")
     key = ensure_signing_key(root / "key.pem")
     build_virtual_set(root / "sets" / "clean", key)
-    boards = [f"  - name: {CLEAN_BOARD}\n    kind: virtual\n    firmware: {root / 'sets' / 'clean'}\n"]
-    selected = [f"{suite}::{name}[{CLEAN_BOARD}]" for suite in SUITES for name in _suite_tests(suite)]
+    boards = {CLEAN_BOARD: root / "sets" / "clean"}
+    selected = [f"{suite}::{name}[{CLEAN_BOARD}]" for suite in SUITES for name in suite_tests(suite)]
     for flaw, (board, suite, test, _) in CAUGHT_BY.items():
         write_flawed_build(root / "sets" / flaw / "base", [flaw], key)
-        boards.append(f"  - name: {board}\n    kind: virtual\n    firmware: {root / 'sets' / flaw}\n")
+        boards[board] = root / "sets" / flaw
         selected.append(f"{suite}::{test}[{board}]")
-    lab = root / "boards.yaml"
-    lab.write_text(
-        "lab: flawed-nodes\nstack: {kind: local}\n"
-        "wifi:\n  - ssid: meta-lab\n    passphrase: meta-lab-passphrase\n"
-        "boards:\n" + "".join(boards)
-    )
-    argv = [sys.executable, "-m", "pytest", *selected, f"--boards={lab}", f"--rig-run-dir={root / 'run'}", "-q", "-rA",
-            "-p", "no:randomly"]  # fmt: skip
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    return run_suites(selected, virtual_lab(root / "boards.yaml", "flawed-nodes", boards), root / "run")
 
 
-def _suite_tests(suite: str) -> list[str]:
-    return re.findall(r"^def (test_\w+)\(", (REPO / suite).read_text(), re.MULTILINE)
+def test_the_suites_have_the_tests_this_meta_test_names() -> None:
+    for board, suite, test, _ in CAUGHT_BY.values():
+        assert test in suite_tests(suite), f"{suite} has no {test} to catch the flaw of {board}"
 
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_clean_board_passes_every_test(suite_run: subprocess.CompletedProcess[str], suite: str) -> None:
-    for name in _suite_tests(suite):
+    for name in suite_tests(suite):
         assert f"PASSED {suite}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, failure_excerpt(suite_run.stdout)
 
 
 @pytest.mark.parametrize("flaw", sorted(CAUGHT_BY))
 def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw: str) -> None:
     board, suite, test, message = CAUGHT_BY[flaw]
-    failed = f"FAILED {suite}::{test}[{board}]"
-    lines = [line for line in suite_run.stdout.splitlines() if line.startswith(failed)]
-    assert lines, f"{flaw}: expected {failed}\n{failure_excerpt(suite_run.stdout)}"
-    assert message in "\n".join(lines) or message in suite_run.stdout, f"{flaw}: {lines}\n{failure_excerpt(suite_run.stdout)}"
+    assert f"FAILED {suite}::{test}[{board}]" in suite_run.stdout, f"{flaw}: {test} did not fail\n{failure_excerpt(suite_run.stdout)}"
+    raised = failure_report(suite_run.stdout, f"{test}[{board}]")
+    assert message in raised, f"{flaw}: {test} failed, but not on its check ({message!r}): {raised}"

@@ -15,11 +15,8 @@ The clean stack goes through the same door and must pass every test.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +28,8 @@ from rig.cloud.store import MAPPING_WINDOW_S, CloudStore, MappingRequest, Mappin
 from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
 from rig.lab import load_lab
 from rig.lab_services import LabServicesState, state_path
-from tests.suite_runs import failure_excerpt
+from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_tests, virtual_lab
 
-REPO = Path(__file__).resolve().parents[1]
 SUITE = "suites/test_user_mapping.py"
 BOARD = "um-vb"
 
@@ -100,10 +96,6 @@ CLOUD_FLAWS = (
 CLEAN = "clean"
 
 
-def _suite_tests() -> list[str]:
-    return re.findall(r"^def (test_\w+)\(", (REPO / SUITE).read_text(), re.MULTILINE)
-
-
 @dataclass
 class MappingLab:
     root: Path
@@ -115,13 +107,7 @@ def mapping_lab(tmp_path_factory: pytest.TempPathFactory) -> MappingLab:
     root = tmp_path_factory.mktemp("mappingsuite")
     key = ensure_signing_key(root / "key.pem")
     build_virtual_set(root / "set", key)
-    boards = root / "boards.yaml"
-    boards.write_text(
-        "lab: flawed-cloud-mapping\nstack: {kind: local}\n"
-        "wifi:\n  - ssid: meta-lab\n    passphrase: meta-lab-passphrase\n"
-        f"boards:\n  - name: {BOARD}\n    kind: virtual\n    firmware: {root / 'set'}\n"
-    )
-    return MappingLab(root, boards)
+    return MappingLab(root, virtual_lab(root / "boards.yaml", "flawed-cloud-mapping", {BOARD: root / "set"}))
 
 
 def run_against_cloud(lab: MappingLab, case: str, tests: list[str], inject: Callable[[pytest.MonkeyPatch], None] | None) -> str:
@@ -136,10 +122,7 @@ def run_against_cloud(lab: MappingLab, case: str, tests: list[str], inject: Call
         published = state_path(loaded)
         try:
             published.write_text(LabServicesState(os.getpid(), loaded.lab, time.time(), endpoints).to_json())
-            argv = [sys.executable, "-m", "pytest", *(f"{SUITE}::{t}[{BOARD}]" for t in tests), f"--boards={lab.boards_file}",
-                    f"--rig-run-dir={lab.root / f'run-{case}'}", "-q", "-rA", "--tb=short", "-p", "no:randomly"]  # fmt: skip
-            env = {**os.environ, "COLUMNS": "400"}
-            res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, check=False, env=env)
+            res = run_suites([f"{SUITE}::{t}[{BOARD}]" for t in tests], lab.boards_file, lab.root / f"run-{case}", "--tb=short")
         finally:
             published.unlink(missing_ok=True)
             stack.stop()
@@ -147,17 +130,17 @@ def run_against_cloud(lab: MappingLab, case: str, tests: list[str], inject: Call
 
 
 @pytest.fixture(scope="module")
-def suite_runs(mapping_lab: MappingLab) -> Iterator[dict[str, str]]:
+def suite_runs(mapping_lab: MappingLab) -> dict[str, str]:
     """One run per cloud, one after another (a flaw is a patch of this process, so one stack at a time)."""
-    runs = {CLEAN: run_against_cloud(mapping_lab, CLEAN, _suite_tests(), None)}
+    runs = {CLEAN: run_against_cloud(mapping_lab, CLEAN, suite_tests(SUITE), None)}
     for flaw in CLOUD_FLAWS:
         runs[flaw.name] = run_against_cloud(mapping_lab, flaw.name, [flaw.test], flaw.inject)
-    yield runs
+    return runs
 
 
 def test_clean_cloud_passes_every_mapping_test(suite_runs: dict[str, str]) -> None:
     out = suite_runs[CLEAN]
-    for name in _suite_tests():
+    for name in suite_tests(SUITE):
         assert f"PASSED {SUITE}::{name}[{BOARD}]" in out, failure_excerpt(out)
 
 
@@ -165,6 +148,5 @@ def test_clean_cloud_passes_every_mapping_test(suite_runs: dict[str, str]) -> No
 def test_cloud_flaw_fails_its_check(suite_runs: dict[str, str], flaw: CloudFlaw) -> None:
     out = suite_runs[flaw.name]
     assert f"FAILED {SUITE}::{flaw.test}[{BOARD}]" in out, f"{flaw.name}: the suite did not fail\n{failure_excerpt(out)}"
-    assert flaw.message in out, f"{flaw.name}: the test failed, but not on its check ({flaw.message!r})\n{failure_excerpt(out)}"
-    summary = [line for line in out.splitlines() if line.startswith(f"FAILED {SUITE}::{flaw.test}[{BOARD}]")]
-    assert not any("INCONCLUSIVE" in line for line in summary), f"{flaw.name}: the run was inconclusive, not a FAIL: {summary}"
+    raised = failure_report(out, f"{flaw.test}[{BOARD}]")  # an INCONCLUSIVE (lab fault) raises no E line
+    assert flaw.message in raised, f"{flaw.name}: the test failed, but not on its check ({flaw.message!r})\n{failure_excerpt(out)}"

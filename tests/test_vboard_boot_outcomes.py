@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from rig.boards.board import Board
 from rig.firmware.build_dir import IdfBuildDir
 from rig.firmware.firmware_set import FirmwareSet
 from rig.firmware.otadata import OtaDataPartition, OtaSelectEntry, OtaState
 from rig.firmware.variants import KeyFileSigner, VariantSigners, variant
-from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
+from rig.firmware.virtual_set import build_virtual_set
 from rig.lab import BoardSpec
-from tests.signing_keys import in_parallel
+from tests.signing_keys import generate_keys
 from tests.vboard_process import BoardFactory, SerialMonitor, vboard_factory  # noqa: F401  (fixture)
 
 BOOT_TIMEOUT_S = 60.0
@@ -149,13 +148,10 @@ class Kit:
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
     work = tmp_path_factory.mktemp("boot-outcomes")
-    keys = in_parallel({name: (lambda name=name: ensure_signing_key(work / f"{name}.pem")) for name in ("trusted", "untrusted")})
-    private = serialization.load_pem_private_key(keys["trusted"].read_bytes(), password=None)
-    public = work / "trusted.pub.pem"
-    public.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
-    return Kit(build_virtual_set(work / "virtual", keys["trusted"]),
-               VariantSigners(KeyFileSigner(keys["trusted"]), KeyFileSigner(keys["untrusted"])), public, work)
+    keys = generate_keys(work, ("trusted", "untrusted"))
+    trusted, untrusted = keys["trusted"], keys["untrusted"]
+    return Kit(build_virtual_set(work / "virtual", trusted.private),
+               VariantSigners(KeyFileSigner(trusted.private), KeyFileSigner(untrusted.private)), trusted.public, work)
 
 
 def set_up(factory: BoardFactory, kit: Kit, name: str) -> Lab:

@@ -13,38 +13,38 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from rig.boards.virtual_ports import default_board_address, published_address, radio_network, write_radio_file
-from rig.cloud.fctry import FCTRY_PARTITION_SIZE, build_fctry, read_fctry, read_nvs
-from rig.cloud.pki import SERVICE_IDENTITY
+from rig.cloud.fctry import FCTRY_PARTITION_SIZE, read_fctry
 from rig.cloud.stack import LocalStack
-from rig.firmware.build_dir import IdfBuildDir
 from rig.firmware.firmware_set import FirmwareSet
-from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.virtual_set import PROJECT_NAME, ensure_virtual_set
-from tests.cloud_fixtures import MqttProbe, tls_context
-from tests.vboard_process import BoardProcess, SerialMonitor, output, pinned_esptool, start_board
+from tests import node_process
+from tests.node_process import (
+    BOOT_S,
+    FCTRY_AT,
+    RANDOM,
+    STEP_S,
+    Node,
+    Owner,
+    cloud_fctry,
+    flash_files,
+    publish_as_cloud,
+    read_flash,
+    running_node,
+)
+from tests.vboard_process import start_board
 
 SSID, PASSPHRASE = "rig-lab-2g", "virtual-lab-passphrase"
-RANDOM = bytes(range(64))  # PoP 00010203, service name PROV_3d3e3f
-BOOT_S = 60.0
-STEP_S = 60.0  # an upper bound: a 2-core CI host running two test modules can be slow
-FCTRY_AT = RAINMAKER_4MB["fctry"].offset
-NVS = RAINMAKER_4MB["nvs"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("stack"), test_mode=True) as s:
-        yield s
+stack = node_process.stack
+owner = node_process.owner
 
 
 @pytest.fixture(scope="module")
@@ -60,83 +60,12 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return state
 
 
-def flash_files(build: IdfBuildDir) -> list[str | Path]:
-    return [x for off, path in sorted(build.flash_files.items()) for x in (hex(off), path)]
-
-
-def make_fctry(stack: LocalStack, dest: Path, node_id: str) -> Path:
-    ep = stack.endpoints
-    pair = stack.pki.node_cert(node_id)
-    return build_fctry(dest, node_id, f"{ep.mqtt_host}:{ep.mqtt_port}", pair, RANDOM, server_cert=stack.pki.ca_cert_path).bin_path
-
-
-def write_flash(board: BoardProcess, *files: str | Path) -> None:
-    """esptool ``write-flash`` (through its API on a pinned port: see tests/vboard_process.py)."""
-    proc = pinned_esptool(board.url, "--after", "no-reset", "write-flash", *files)  # stays in download mode
-    assert proc.returncode == 0, output(proc)
-
-
-def read_flash(board: BoardProcess, offset: int, size: int, dest: Path) -> bytes:
-    proc = pinned_esptool(board.url, "--after", "no-reset", "read-flash", hex(offset), hex(size), dest)
-    assert proc.returncode == 0, output(proc)
-    return dest.read_bytes()
-
-
-@dataclass
-class Node:
-    board: BoardProcess
-    node_id: str
-    monitor: SerialMonitor | None = None
-
-    def console(self) -> SerialMonitor:
-        if self.monitor is None:
-            self.monitor = SerialMonitor(self.board.url)
-        return self.monitor
-
-    def boot(self) -> SerialMonitor:
-        """EN pulse with GPIO9 released: boot from flash; the console text starts empty."""
-        mon = self.console()
-        mon.text = ""
-        mon.hard_reset()
-        return mon
-
-    def command(self, line: str) -> SerialMonitor:
-        mon = self.console()
-        mon.text = ""
-        mon.write_line(line)
-        return mon
-
-    def release(self) -> None:
-        """Close the console so esptool can have the port."""
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
-
-
 @pytest.fixture(scope="module")
 def node_a(stack: LocalStack, firmware: FirmwareSet, state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     node_id = f"node-a-{uuid.uuid4().hex[:8]}"
-    fctry = make_fctry(stack, tmp_path_factory.mktemp("fctry-a"), node_id)
-    board = start_board("node-a", state_dir)
-    node = Node(board, node_id)
-    try:
-        write_flash(board, *flash_files(firmware.build("base")), hex(FCTRY_AT), fctry)
+    fctry = cloud_fctry(stack, tmp_path_factory.mktemp("fctry-a"), node_id)
+    with running_node(Node(start_board("node-a", state_dir), node_id), *flash_files(firmware.build("base")), hex(FCTRY_AT), fctry) as node:
         yield node
-    finally:
-        node.release()
-        assert board.stop() == 0, board.log_text()[-3000:]
-    assert "Traceback" not in board.log_text() and "ignored the reset" not in board.log_text()  # every task ended cleanly
-
-
-@pytest.fixture(scope="module")
-def owner(stack: LocalStack) -> tuple[httpx.Client, str]:
-    email, password = f"owner-{uuid.uuid4().hex[:6]}@rig.test", "owner-password-1"
-    user_id = stack.add_user(email, password)
-    client = httpx.Client(base_url=stack.endpoints.api_url, verify=ssl.create_default_context(cafile=stack.endpoints.ca_cert),
-                          timeout=30)  # fmt: skip
-    token = client.post("/v1/login2", json={"user_name": email, "password": password}).json()["accesstoken"]
-    client.headers["Authorization"] = token
-    return client, user_id
 
 
 # --------------------------------------------------------------------------- node-a, in order
@@ -187,8 +116,8 @@ def test_right_passphrase_connects_and_the_cloud_gets_the_config(node_a: Node, s
     assert f" as {node_a.node_id} (p2, c1, k120, " in line  # MQTT 3.1.1, clean session, keepalive 120 s
 
 
-def test_user_mapping_from_the_console_and_rest_is_confirmed(node_a: Node, stack: LocalStack, owner: tuple[httpx.Client, str]) -> None:
-    client, user_id = owner
+def test_user_mapping_from_the_console_and_rest_is_confirmed(node_a: Node, stack: LocalStack, owner: Owner) -> None:
+    client, user_id = owner.client, owner.user_id
     assert stack.mqtt is not None
     secret = str(uuid.uuid4())
     put = client.put("/v1/user/nodes/mapping", json={"node_id": node_a.node_id, "secret_key": secret, "operation": "add"})
@@ -206,8 +135,8 @@ def test_user_mapping_from_the_console_and_rest_is_confirmed(node_a: Node, stack
     assert config.status_code == 200 and config.json()["node_id"] == node_a.node_id
 
 
-def test_a_params_write_from_rest_is_applied_and_reported(node_a: Node, stack: LocalStack, owner: tuple[httpx.Client, str]) -> None:
-    client, _ = owner
+def test_a_params_write_from_rest_is_applied_and_reported(node_a: Node, stack: LocalStack, owner: Owner) -> None:
+    client = owner.client
     assert stack.mqtt is not None
     mark = stack.mqtt.mark()
     node_a.command("")  # clear the console text
@@ -224,26 +153,18 @@ def test_a_params_write_from_rest_is_applied_and_reported(node_a: Node, stack: L
 
 
 def test_malformed_params_are_dropped_without_harm(node_a: Node, stack: LocalStack) -> None:
-    ep = stack.endpoints
-    probe = MqttProbe(ep.mqtt_host, ep.mqtt_port, tls_context(stack.pki.ca_cert_path, stack.pki.service_cert(SERVICE_IDENTITY)),
-                      f"{SERVICE_IDENTITY}-node-{uuid.uuid4().hex[:6]}")  # fmt: skip
     mon = node_a.command("")
-    try:
-        assert probe.connect().accepted
-        probe.publish(f"node/{node_a.node_id}/params/remote", b'{"Switch":{"Power":fals')
-    finally:
-        probe.close()
+    publish_as_cloud(stack, f"node/{node_a.node_id}/params/remote", b'{"Switch":{"Power":fals')
     mon.expect(r'esp_rmaker_param: Received params: \{"Switch":\{"Power":fals\r\n', STEP_S)
     node_a.command("get-param Switch Power").expect(r"esp_rmaker_commands: Switch\.Power = true\r\n", STEP_S)
     assert "Guru Meditation" not in mon.text and "rst:" not in mon.text
 
 
-def test_nvs_keeps_wifi_user_and_params_across_a_reboot(node_a: Node, stack: LocalStack, owner: tuple[httpx.Client, str],
+def test_nvs_keeps_wifi_user_and_params_across_a_reboot(node_a: Node, stack: LocalStack, owner: Owner,
                                                         tmp_path: Path) -> None:  # fmt: skip
-    _, user_id = owner
+    user_id = owner.user_id
     assert stack.mqtt is not None
-    node_a.release()
-    nvs = read_nvs(read_flash(node_a.board, NVS.offset, NVS.size, tmp_path / "nvs.bin"))
+    nvs = node_a.read_nvs(tmp_path / "nvs.bin")
     wifi = nvs["nvs.net80211"]
     assert wifi["sta.ssid"] == len(SSID).to_bytes(4, "little") + SSID.encode().ljust(32, b"\0")
     assert wifi["sta.pswd"] == PASSPHRASE.encode().ljust(64, b"\0")
@@ -271,8 +192,7 @@ def test_factory_reset_erases_nvs_and_keeps_fctry(node_a: Node, stack: LocalStac
     assert text.index("Node reset to factory defaults.") < text.index("Rebooting in 2 seconds.") < text.index("rst:0xc")
     reset = stack.mqtt.wait_handled(node_a.node_id, "user/mapping", after=mark, timeout=STEP_S)
     assert reset.detail == "factory reset"  # the dummy esp-rmaker/failed mapping told the cloud
-    node_a.release()
-    nvs = read_nvs(read_flash(node_a.board, NVS.offset, NVS.size, tmp_path / "nvs.bin"))
+    nvs = node_a.read_nvs(tmp_path / "nvs.bin")
     assert "nvs.net80211" not in nvs and "user_mapping" not in nvs  # erased; the new boot stored only defaults
     assert nvs["Switch"]["Power"] == bytes([1, 0, 0, 0, 0, 0, 0, 0])
     fctry = read_fctry(read_flash(node_a.board, FCTRY_AT, FCTRY_PARTITION_SIZE, tmp_path / "fctry.bin"))
@@ -290,26 +210,20 @@ def test_wifi_reset_forgets_the_network_and_reprovisions(node_a: Node, tmp_path:
     mon.expect(r"app_main: Wi-Fi credentials reset\.\r\n", STEP_S)
     mon.expect(r"(?s)rst:0xc \(RTC_SW_CPU_RST\).*app_wifi: Starting provisioning", BOOT_S)
     assert mon.text.index("Rebooting in 2 seconds.") < mon.text.index("rst:0xc")
-    node_a.release()
-    assert "nvs.net80211" not in read_nvs(read_flash(node_a.board, NVS.offset, NVS.size, tmp_path / "nvs.bin"))
+    assert "nvs.net80211" not in node_a.read_nvs(tmp_path / "nvs.bin")
 
 
 # --------------------------------------------------------------------------- node-b: no fctry
 
 
 def test_without_fctry_the_node_says_why_and_the_console_works(firmware: FirmwareSet, state_dir: Path) -> None:
-    board = start_board("node-b", state_dir)
-    try:
-        write_flash(board, *flash_files(firmware.build("base")))
-        with SerialMonitor(board.url) as mon:
-            mon.hard_reset()
-            mon.expect(r"E \(\d+\) esp_rmaker_core: Failed to initialise Node Id\. "
-                       r'Please perform "claiming" using RainMaker CLI\.\r\n', BOOT_S)  # fmt: skip
-            mon.expect(r"main_task: Returned from app_main\(\)", STEP_S)
-            mon.write_line("get-node-id")
-            mon.expect(r"esp_rmaker_commands: Node ID: \(null\)\r\n", STEP_S)
-            assert "Node ID -----" not in mon.text and "Starting provisioning" not in mon.text
-    finally:
-        assert board.stop() == 0
+    with running_node(Node(start_board("node-b", state_dir), ""), *flash_files(firmware.build("base"))) as node:
+        mon = node.boot()
+        mon.expect(r"E \(\d+\) esp_rmaker_core: Failed to initialise Node Id\. "
+                   r'Please perform "claiming" using RainMaker CLI\.\r\n', BOOT_S)  # fmt: skip
+        mon.expect(r"main_task: Returned from app_main\(\)", STEP_S)
+        mon.write_line("get-node-id")  # on the same text: the boot's lines stay in view
+        mon.expect(r"esp_rmaker_commands: Node ID: \(null\)\r\n", STEP_S)
+        assert "Node ID -----" not in mon.text and "Starting provisioning" not in mon.text
     assert published_address(state_dir, "node-b") is None  # unpublished when the board stops
     assert json.loads((state_dir / "radio.json").read_text())["networks"][0]["ssid"] == SSID

@@ -23,27 +23,23 @@ from pathlib import Path
 
 import pytest
 
-from rig.boards.virtual_ports import default_board_address, radio_network, write_radio_file
+from rig.boards.virtual_ports import radio_network, write_radio_file
 from rig.cloud.adversaries import MqttConnect, parse_mqtt_connect
-from rig.cloud.fctry import build_fctry, read_nvs
-from rig.cloud.pki import SERVICE_IDENTITY, LabPki
+from rig.cloud.pki import LabPki
 from rig.cloud.stack import LocalStack
 from rig.firmware.build_dir import read_build_dir
 from rig.firmware.firmware_set import FirmwareSet
 from rig.firmware.flawed_set import write_flawed_build
-from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.virtual_set import ensure_virtual_set
 from rig.vboard.flaws import check_flaws
 from rig.vboard.node.debug_port import BANNER, DEBUG_PORT
-from tests.cloud_fixtures import MqttProbe, tls_context
-from tests.test_vboard_node import BOOT_S, STEP_S, Node, flash_files, read_flash, write_flash
+from tests import node_process
+from tests.node_process import BOOT_S, FCTRY_AT, STEP_S, Node, cloud_fctry, flash_files, publish_as_cloud, running_node, write_flash
 from tests.vboard_process import start_board
 
 SSID, PASSPHRASE = "flaw-lab", "flaw-lab-passphrase"
 FLAWS = ("logs_wifi_password", "plaintext_mqtt", "no_server_cert_check", "open_debug_port",
          "panics_on_bad_params", "factory_reset_keeps_wifi", "no_reconnect_backoff")  # fmt: skip
-NVS = RAINMAKER_4MB["nvs"]
-FCTRY_AT = RAINMAKER_4MB["fctry"].offset
 ERROR_LINE = re.compile(r"E \((\d+)\) esp_mqtt_glue: MQTT_EVENT_ERROR\r\n")
 
 
@@ -87,10 +83,7 @@ class PlainListener:
             return next(c for h, c in self.connects if h == host)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("stack"), test_mode=True) as s:
-        yield s
+stack = node_process.stack
 
 
 @pytest.fixture(scope="module")
@@ -122,38 +115,23 @@ def builds(tmp_path_factory: pytest.TempPathFactory, listener: PlainListener) ->
 
 def rogue_fctry(stack: LocalStack, dest: Path, node_id: str, mqtt_host: str | None = None) -> Path:
     """A fctry whose trust anchor is a CA that never issued the broker's certificate."""
-    ep = stack.endpoints
-    rogue = LabPki(dest / "rogue-pki")
-    return build_fctry(dest / "fctry", node_id, mqtt_host or f"{ep.mqtt_host}:{ep.mqtt_port}", stack.pki.node_cert(node_id),
-                       bytes(range(64)), server_cert=rogue.ca_cert_path).bin_path  # fmt: skip
-
-
-def boot_node(name: str, lab: Path, files: list[str | Path], fctry: Path, node_id: str) -> Node:
-    board = start_board(name, lab)
-    write_flash(board, *files, hex(FCTRY_AT), fctry)
-    return Node(board, node_id)
+    return cloud_fctry(stack, dest / "fctry", node_id, mqtt_host, trusted_ca=LabPki(dest / "rogue-pki").ca_cert_path)
 
 
 @pytest.fixture(scope="module")
 def flawed(stack: LocalStack, builds: tuple[FirmwareSet, Path], lab: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     node_id = f"flawed-{uuid.uuid4().hex[:8]}"
-    node = boot_node("flawed-1", lab, flash_files(read_build_dir(builds[1])),
-                     rogue_fctry(stack, tmp_path_factory.mktemp("f"), node_id), node_id)  # fmt: skip
-    yield node
-    node.release()
-    assert node.board.stop() == 0
-    assert "Traceback" not in node.board.log_text() and "could not listen" not in node.board.log_text()
+    fctry = rogue_fctry(stack, tmp_path_factory.mktemp("f"), node_id)
+    with running_node(Node(start_board("flawed-1", lab), node_id), *flash_files(read_build_dir(builds[1])), hex(FCTRY_AT), fctry) as node:
+        yield node
 
 
 @pytest.fixture(scope="module")
 def strict(stack: LocalStack, builds: tuple[FirmwareSet, Path], lab: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     node_id = f"strict-{uuid.uuid4().hex[:8]}"
-    node = boot_node("strict-1", lab, flash_files(builds[0].build("base")),
-                     rogue_fctry(stack, tmp_path_factory.mktemp("s"), node_id), node_id)  # fmt: skip
-    yield node
-    node.release()
-    assert node.board.stop() == 0
-    assert "Traceback" not in node.board.log_text() and "could not listen" not in node.board.log_text()
+    fctry = rogue_fctry(stack, tmp_path_factory.mktemp("s"), node_id)
+    with running_node(Node(start_board("strict-1", lab), node_id), *flash_files(builds[0].build("base")), hex(FCTRY_AT), fctry) as node:
+        yield node
 
 
 def provision(node: Node) -> str:
@@ -182,7 +160,7 @@ def test_clean_board_keeps_secrets_verifies_the_server_and_backs_off(strict: Nod
     times = error_times(mon.text)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 1000 and gaps[1] >= 2000, f"no exponential backoff: {gaps} ms between attempts"
-    address = default_board_address("strict-1")
+    address = strict.address
     assert all(host != address for host, _ in listener.connects)  # never tried MQTT in plaintext
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((address, DEBUG_PORT), timeout=5).close()
@@ -198,7 +176,7 @@ def test_flawed_board_logs_the_passphrase(flawed: Node) -> None:
 
 def test_flawed_board_sends_its_connect_in_plaintext_then_trusts_any_server(flawed: Node, listener: PlainListener,
                                                                             stack: LocalStack) -> None:  # fmt: skip
-    connect = listener.wait_from(default_board_address("flawed-1"), STEP_S)
+    connect = listener.wait_from(flawed.address, STEP_S)
     assert connect is not None and connect.client_id == flawed.node_id and connect.username is not None
     assert connect.username.startswith("?Platform=APN3|")
     assert stack.mqtt is not None
@@ -207,7 +185,7 @@ def test_flawed_board_sends_its_connect_in_plaintext_then_trusts_any_server(flaw
 
 
 def test_flawed_board_has_an_open_debug_port(flawed: Node) -> None:
-    with socket.create_connection((default_board_address("flawed-1"), DEBUG_PORT), timeout=5) as conn:
+    with socket.create_connection((flawed.address, DEBUG_PORT), timeout=5) as conn:
         conn.settimeout(5)
         assert conn.recv(len(BANNER)) == BANNER
 
@@ -218,20 +196,13 @@ def test_flawed_board_panics_on_malformed_params(flawed: Node, stack: LocalStack
     stack.mqtt.wait_handled(flawed.node_id, "params/local/init", timeout=STEP_S)
     mon = flawed.console()
     mon.text = ""
-    ep = stack.endpoints
-    probe = MqttProbe(ep.mqtt_host, ep.mqtt_port, tls_context(stack.pki.ca_cert_path, stack.pki.service_cert(SERVICE_IDENTITY)),
-                      f"{SERVICE_IDENTITY}-flaw-{uuid.uuid4().hex[:6]}")  # fmt: skip
-    try:
-        assert probe.connect().accepted
-        probe.publish(f"node/{flawed.node_id}/params/remote", b'{"Switch":{"Power":tru')
-    finally:
-        probe.close()
+    publish_as_cloud(stack, f"node/{flawed.node_id}/params/remote", b'{"Switch":{"Power":tru')
     mon.expect(r"Guru Meditation Error: Core  0 panic'ed \(Load access fault\)\. Exception was unhandled\.", STEP_S)
     mon.expect(r"Rebooting\.\.\.\r\n", STEP_S)
     mon.expect(r"rst:0xc \(RTC_SW_CPU_RST\)", STEP_S)
     mon.expect(r"app_wifi: Already provisioned, starting Wi-Fi STA", BOOT_S)
     # the reset closed the old listener, so the new boot could listen again on the same port
-    with socket.create_connection((default_board_address("flawed-1"), DEBUG_PORT), timeout=5) as conn:
+    with socket.create_connection((flawed.address, DEBUG_PORT), timeout=5) as conn:
         conn.settimeout(5)
         assert conn.recv(len(BANNER)) == BANNER
 
@@ -241,8 +212,7 @@ def test_flawed_factory_reset_keeps_wifi(flawed: Node, tmp_path: Path) -> None:
     mon = flawed.command("reset-to-factory")
     mon.expect(r"rst:0xc \(RTC_SW_CPU_RST\)", STEP_S)
     mon.expect(r"app_wifi: Already provisioned, starting Wi-Fi STA", BOOT_S)  # a clean node provisions again
-    flawed.release()
-    nvs = read_nvs(read_flash(flawed.board, NVS.offset, NVS.size, tmp_path / "nvs.bin"))
+    nvs = flawed.read_nvs(tmp_path / "nvs.bin")
     assert nvs["nvs.net80211"]["sta.pswd"].rstrip(b"\0") == PASSPHRASE.encode()  # kept: the flaw
     assert nvs["Switch"]["Power"] == bytes([1, 0, 0, 0, 0, 0, 0, 0])  # the rest was erased: back to the default
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import base64
 import re
-import ssl
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from rig.boards.virtual_ports import radio_network, write_radio_file
@@ -38,9 +37,10 @@ from rig.firmware.flawed_set import flawed_role
 from rig.firmware.otadata import OtaDataPartition, OtaState
 from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.variants import unsigned
-from rig.firmware.virtual_set import PROJECT_NAME, SDKCONFIG, VIRTUAL_ROLES, SetSigner, virtual_app_image, virtual_bootloader_image
+from rig.firmware.virtual_set import PROJECT_NAME, SDKCONFIG, VIRTUAL_ROLES, virtual_app_image, virtual_bootloader_image
 from rig.targets import ESP32C3
-from tests.test_vboard_node import BOOT_S, STEP_S, Node, flash_files, make_fctry, read_flash, write_flash
+from tests import node_process
+from tests.node_process import BOOT_S, FCTRY_AT, STEP_S, Node, Owner, cloud_fctry, flash_files, read_flash, running_node
 from tests.vboard_process import start_board
 
 SSID, PASSPHRASE = "ota-lab", "ota-lab-passphrase"
@@ -50,10 +50,8 @@ OTA_0, OTA_1 = RAINMAKER_4MB["ota_0"].offset, RAINMAKER_4MB["ota_1"].offset
 OTADATA = RAINMAKER_4MB["otadata"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("stack"), test_mode=True) as s:
-        yield s
+stack = node_process.stack
+owner = node_process.owner
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,7 @@ class Kit:
 def kit(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Kit:
     """The set's roles signed in the lab HSM with the cloud's default OTA key."""
     assert stack.signer is not None
-    hsm, label = stack.signer, stack.signer.default_key
-    signer = SetSigner(lambda data: hsm.sign(data, label), hsm.public_key_pem(label), f"HSM key {label}")
+    signer = stack.signer.set_signer()
     root = tmp_path_factory.mktemp("ota-kit")
     roles = {r.role: r for r in VIRTUAL_ROLES}
     bootloader = virtual_bootloader_image(signer)
@@ -97,35 +94,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return state
 
 
-@dataclass
-class Owner:
-    client: httpx.Client
-    user_id: str
-
-
-@pytest.fixture(scope="module")
-def owner(stack: LocalStack) -> Iterator[Owner]:
-    email, password = f"ota-{uuid.uuid4().hex[:6]}@rig.test", "owner-password-1"
-    user_id = stack.add_user(email, password)
-    client = httpx.Client(base_url=stack.endpoints.api_url, verify=ssl.create_default_context(cafile=stack.endpoints.ca_cert),
-                          timeout=60)  # fmt: skip
-    client.headers["Authorization"] = client.post("/v1/login2", json={"user_name": email, "password": password}).json()["accesstoken"]
-    yield Owner(client, user_id)
-    client.close()
-
-
-def start_node(name: str, stack: LocalStack, owner: Owner, lab: Path, build: IdfBuildDir, tmp: Path) -> Node:
+def ota_node(name: str, stack: LocalStack, lab: Path, build: IdfBuildDir, tmp: Path) -> AbstractContextManager[Node]:
+    """A board named *name* holding *build* and a ``fctry`` for *stack*, running while the caller's ``with`` lasts."""
     node_id = f"{name}-{uuid.uuid4().hex[:8]}"
-    board = start_board(name, lab)
-    write_flash(board, *flash_files(build), hex(RAINMAKER_4MB["fctry"].offset), make_fctry(stack, tmp, node_id))
-    return Node(board, node_id)
-
-
-def stop_node(node: Node) -> None:
-    node.release()
-    assert node.board.stop() == 0
-    log = node.board.log_text()
-    assert "Traceback" not in log and "ignored the reset" not in log, log[-3000:]
+    fctry = cloud_fctry(stack, tmp, node_id)
+    return running_node(Node(start_board(name, lab), node_id), *flash_files(build), hex(FCTRY_AT), fctry)
 
 
 def provision_and_connect(node: Node, stack: LocalStack, owner: Owner) -> None:
@@ -207,15 +180,12 @@ def otadata(node: Node, tmp: Path) -> OtaDataPartition:
 
 
 @pytest.fixture(scope="module")
-def secure(stack: LocalStack, owner: Owner, lab: Path, kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    node = start_node("ota-sb", stack, owner, lab, kit.base, tmp_path_factory.mktemp("fctry-sb"))
-    try:
+def secure(stack: LocalStack, lab: Path, kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    with ota_node("ota-sb", stack, lab, kit.base, tmp_path_factory.mktemp("fctry-sb")) as node:
         # as a lab enables Secure Boot V2: the key digest, then the enable bit (the rig's own tool runner)
         run_tool("espefuse", ["--port", node.board.url, "--do-not-confirm", "burn-key-digest", "BLOCK_KEY0", str(kit.public_key),
                               "SECURE_BOOT_DIGEST0", "burn-efuse", "SECURE_BOOT_EN", "1"], timeout=STEP_S * 4)  # fmt: skip
         yield node
-    finally:
-        stop_node(node)
 
 
 def test_same_version_is_rejected_and_nothing_is_written(secure: Node, stack: LocalStack, owner: Owner, kit: Kit,
@@ -276,8 +246,7 @@ def test_unsigned_image_fails_and_the_running_app_stays(secure: Node, stack: Loc
 
 def test_flawed_node_installs_and_boots_the_unsigned_image(stack: LocalStack, owner: Owner, lab: Path, kit: Kit,
                                                             tmp_path: Path) -> None:  # fmt: skip
-    node = start_node("ota-flawed", stack, owner, lab, kit.flawed, tmp_path)
-    try:
+    with ota_node("ota-flawed", stack, lab, kit.flawed, tmp_path) as node:
         provision_and_connect(node, stack, owner)
         job = unsigned_job(stack, owner, node, kit.unsigned_image)
         mon = node.console()
@@ -290,5 +259,3 @@ def test_flawed_node_installs_and_boots_the_unsigned_image(stack: LocalStack, ow
         assert selected.boot_slot(2) == 1 and selected.active_entry().state is OtaState.VALID  # type: ignore[union-attr]
         ota1 = read_flash(node.board, OTA_1, len(kit.unsigned_image), tmp_path / "ota1.bin")
         assert ota1 == kit.unsigned_image  # no signature sector: what runs was never signed
-    finally:
-        stop_node(node)
