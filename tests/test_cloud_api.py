@@ -29,6 +29,7 @@ from rig.cloud.api_server import ApiServer, ApiServerError
 from rig.cloud.auth import ACCESS_TOKEN_TTL_S, TokenAuthority, cli_safe_json, decode_jwt, encode_jwt
 from rig.cloud.broker import MosquittoBroker
 from rig.cloud.clock import ManualClock, SystemClock
+from rig.cloud.ota_delivery import DeliveryControl, DeliveryPlan
 from rig.cloud.pki import LabPki
 from rig.cloud.service import CloudMqtt, MqttServiceError, NodeUnreachable, parse_node_topic
 from rig.cloud.store import DB_FILENAME, MIGRATIONS, SCHEMA_VERSION, CloudStore, Role, SchemaTooNew
@@ -97,6 +98,7 @@ class Stack:
     ota: FakeOtaHost
     service: RecordingService
     client: TestClient
+    delivery: DeliveryControl = field(default_factory=DeliveryControl.create)
     _tokens: dict[str, str] = field(default_factory=dict)
 
     def login(self, email: str, password: str = PASSWORD) -> dict[str, Any]:
@@ -112,9 +114,15 @@ class Stack:
         return {"Authorization": token}
 
     def node_says(self, node_id: str, suffix: str, payload: Any, *, basic_ingest: bool = True) -> None:
-        rule = {"user/mapping": "esp_user_node_mapping", "params/local": "esp_set_params", "config": "esp_node_config",
-                "params/local/init": "esp_init_params", "otastatus": "esp_node_otastatus", "otafetch": "esp_node_otafetch",
-                "alert": "esp_node_alert"}[suffix]
+        rule = {
+            "user/mapping": "esp_user_node_mapping",
+            "params/local": "esp_set_params",
+            "config": "esp_node_config",
+            "params/local/init": "esp_init_params",
+            "otastatus": "esp_node_otastatus",
+            "otafetch": "esp_node_otafetch",
+            "alert": "esp_node_alert",
+        }[suffix]
         topic = f"$aws/rules/{rule}/node/{node_id}/{suffix}" if basic_ingest else f"node/{node_id}/{suffix}"
         handled = self.service.handle_message(topic, json.dumps(payload).encode())
         assert handled is not None
@@ -134,11 +142,11 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     store = CloudStore.open(tmp_path)
     for email in (ALICE, BOB, CAROL):
         store.add_user(email, PASSWORD, clock.now())
-    channel, ota = RecordingChannel(), FakeOtaHost()
+    channel, ota, delivery = RecordingChannel(), FakeOtaHost(), DeliveryControl.create()
     service = RecordingService(store, clock, ota=ota, channel=channel)
-    app = create_app(store, clock, channel, ota, test_mode=True, mqtt_host="localhost", mqtt_port=8883)
+    app = create_app(store, clock, channel, ota, test_mode=True, mqtt_host="localhost", mqtt_port=8883, ota_delivery=delivery)
     with TestClient(app) as client:
-        yield Stack(store, clock, channel, ota, service, client)
+        yield Stack(store, clock, channel, ota, service, client, delivery)
     service.stop()
     store.close()
 
@@ -365,9 +373,11 @@ def test_node_list_pages_with_next_id(stack: Stack) -> None:
 def test_params_put_multi_node_publishes_params_remote(stack: Stack) -> None:
     stack.map(ALICE)
     stack.map(ALICE, OTHER_NODE)
-    body = [{"node_id": NODE, "payload": {"Switch": {"Power": True}}},
-            {"node_id": OTHER_NODE, "payload": {"Light": {"Brightness": 40}}},
-            {"node_id": "someoneelses", "payload": {"Switch": {"Power": True}}}]
+    body = [
+        {"node_id": NODE, "payload": {"Switch": {"Power": True}}},
+        {"node_id": OTHER_NODE, "payload": {"Light": {"Brightness": 40}}},
+        {"node_id": "someoneelses", "payload": {"Switch": {"Power": True}}},
+    ]
     r = stack.client.put("/v1/user/nodes/params", json=body, headers=stack.auth(ALICE))
     assert r.status_code == 200, r.text
     assert [(x["node_id"], x["status"]) for x in r.json()] == [(NODE, "success"), (OTHER_NODE, "success"), ("someoneelses", "failure")]
@@ -605,6 +615,7 @@ def test_only_the_recipient_answers_and_only_the_sender_cancels(stack: Stack) ->
 
 def test_sharing_someone_elses_node_or_with_unknown_user(stack: Stack) -> None:
     stack.map(ALICE)
+
     def attempt(actor: str, to: str) -> Any:
         return stack.client.put("/v1/user/nodes/sharing", json={"nodes": [NODE], "user_name": to}, headers=stack.auth(actor))
 
@@ -698,7 +709,11 @@ def test_openapi_is_published(stack: Stack) -> None:
     spec = stack.client.get("/openapi.json").json()
     assert {"/v1/login2", "/v1/user/nodes", "/v1/user/nodes/mapping", "/v1/user/nodes/sharing/requests"} <= spec["paths"].keys()
     assert spec["components"]["securitySchemes"]["AccessToken"] == {
-        "type": "apiKey", "in": "header", "name": "Authorization", "description": "the raw access token (a JWT), no 'Bearer' prefix"}
+        "type": "apiKey",
+        "in": "header",
+        "name": "Authorization",
+        "description": "the raw access token (a JWT), no 'Bearer' prefix",
+    }
 
 
 # --------------------------------------------------------------------------- OTA
@@ -719,7 +734,11 @@ def upload(stack: Stack, email: str = ALICE, data: bytes = IMAGE, **extra: Any) 
 def test_ota_upload_reads_the_app_descriptor(stack: Stack) -> None:
     img = upload(stack)
     assert (img["fw_version"], img["project_name"], img["secure_version"], img["file_size"]) == (
-        DESC.version, DESC.project_name, DESC.secure_version, len(IMAGE))
+        DESC.version,
+        DESC.project_name,
+        DESC.secure_version,
+        len(IMAGE),
+    )
     h = stack.auth(ALICE)
     junk = base64.b64encode(b"\x00" * 64).decode()
     assert_failure(stack.client.post("/v1/user/otaimage", json={"image_name": "x", "base64_fwimage": junk}, headers=h), 400)
@@ -739,14 +758,19 @@ def test_ota_job_publishes_otaurl_and_tracks_otastatus(stack: Stack) -> None:
     assert stack.ota.calls == [(job_id, NODE, len(IMAGE))]
     [(topic, payload)] = stack.channel.published
     assert topic == f"node/{NODE}/otaurl"
-    assert payload == {"ota_job_id": job_id, "url": f"https://127.0.0.1:1/ota/tok/{job_id}.bin", "file_size": len(IMAGE),
-                       "fw_version": DESC.version}
+    assert payload == {
+        "ota_job_id": job_id,
+        "url": f"https://127.0.0.1:1/ota/tok/{job_id}.bin",
+        "file_size": len(IMAGE),
+        "fw_version": DESC.version,
+    }
     info = stack.client.get("/v1/user/nodes/ota_update", params={"node_id": NODE}, headers=h).json()
     assert info["ota_available"] is True and info["ota_job_id"] == job_id and info["fw_version"] == DESC.version
 
     stack.node_says(NODE, "otastatus", {"ota_job_id": job_id, "status": "in-progress", "additional_info": "Downloading", "ts": 1})
-    stack.node_says(NODE, "otastatus", {"ota_job_id": job_id, "status": "success", "additional_info": "OTA Upgrade finished"},
-                    basic_ingest=False)
+    stack.node_says(
+        NODE, "otastatus", {"ota_job_id": job_id, "status": "success", "additional_info": "OTA Upgrade finished"}, basic_ingest=False
+    )
     status = stack.client.get("/v1/user/nodes/ota_status", params={"node_id": NODE, "ota_job_id": job_id}, headers=h).json()
     assert status["status"] == "success" and status["additional_info"] == "OTA Upgrade finished"
     assert [x["status"] for x in status["history"]] == ["in-progress", "success"]
@@ -759,8 +783,9 @@ def test_ota_job_publishes_otaurl_and_tracks_otastatus(stack: Stack) -> None:
 def test_otafetch_resends_the_open_job(stack: Stack) -> None:
     stack.map(ALICE)
     img = upload(stack)
-    job_id = stack.client.post("/v1/user/otajob", json={"ota_image_id": img["ota_image_id"], "node_id": NODE},
-                               headers=stack.auth(ALICE)).json()["ota_job_id"]
+    job_id = stack.client.post(
+        "/v1/user/otajob", json={"ota_image_id": img["ota_image_id"], "node_id": NODE}, headers=stack.auth(ALICE)
+    ).json()["ota_job_id"]
     stack.channel.published.clear()
     stack.node_says(NODE, "otafetch", {"node_id": NODE, "fw_version": "1.0"})
     stack.service.stop()  # joins the dispatch worker
@@ -799,12 +824,87 @@ def test_ota_needs_the_primary_user_and_own_image(stack: Stack) -> None:
     stack.map(BOB, OTHER_NODE)
     img = upload(stack)
     stack.store.map_node(NODE, stack.user_id(CAROL), Role.SECONDARY, stack.clock.now())
-    assert_failure(stack.client.post("/v1/user/otajob", json={"ota_image_id": img["ota_image_id"], "nodes": [NODE]},
-                                     headers=stack.auth(CAROL)), 404)
+    assert_failure(
+        stack.client.post("/v1/user/otajob", json={"ota_image_id": img["ota_image_id"], "nodes": [NODE]}, headers=stack.auth(CAROL)), 404
+    )
     bob_img = upload(stack, BOB)
-    assert_failure(stack.client.post("/v1/user/otajob", json={"ota_image_id": bob_img["ota_image_id"], "nodes": [NODE]},
-                                     headers=stack.auth(BOB)), 403)
+    assert_failure(
+        stack.client.post("/v1/user/otajob", json={"ota_image_id": bob_img["ota_image_id"], "nodes": [NODE]}, headers=stack.auth(BOB)), 403
+    )
     assert_failure(stack.client.post("/v1/user/otajob", json={"ota_image_id": img["ota_image_id"]}, headers=stack.auth(ALICE)), 400)
+
+
+# --------------------------------------------------------------------------- test-mode OTA delivery plans
+
+DELIVERY_PATHS = ("/test/ota/delivery", "/test/ota/deliveries")
+
+
+def test_ota_delivery_plan_is_armed_echoed_and_disarmed(stack: Stack) -> None:
+    stack.map(ALICE)
+    r = stack.client.post("/test/ota/delivery", json={"node_id": NODE, "sign": False, "transport": "http", "cut_after": 0})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"node_id": NODE, "sign": False, "transport": "http", "cut_after": 0, "stall_after": None, "replaced": False}
+    assert stack.delivery.plans.armed(NODE) == DeliveryPlan(NODE, sign=False, transport="http", cut_after=0)
+    r = stack.client.post("/test/ota/delivery", json={"node_id": NODE, "stall_after": 4096})
+    assert r.json()["replaced"] is True and r.json()["sign"] is True and r.json()["transport"] == "https"
+    assert stack.delivery.plans.armed(NODE) == DeliveryPlan(NODE, stall_after=4096)
+    assert stack.client.delete("/test/ota/delivery", params={"node_id": NODE}).json() == {"node_id": NODE, "disarmed": True}
+    assert stack.client.delete("/test/ota/delivery", params={"node_id": NODE}).json() == {"node_id": NODE, "disarmed": False}
+    assert stack.delivery.plans.armed(NODE) is None
+
+
+def test_ota_delivery_plan_for_an_unknown_node_is_404(stack: Stack) -> None:
+    body = assert_failure(stack.client.post("/test/ota/delivery", json={"node_id": OTHER_NODE}), 404)
+    assert OTHER_NODE in body["description"] and body["error_code"] == ErrorCode.NOT_FOUND
+    assert stack.delivery.plans.armed(OTHER_NODE) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"cut_after": 10, "stall_after": 20}, "at most one"),
+        ({"cut_after": -1}, "cut_after"),
+        ({"stall_after": "5"}, "stall_after"),
+        ({"cut_after": 1.5}, "cut_after"),
+        ({"sign": "yes"}, "sign"),
+        ({"transport": "ftp"}, "transport"),
+        ({"node_id": "a/b/#"}, "node_id"),
+        ({"retries": 3}, "retries"),
+    ],
+)
+def test_ota_delivery_plan_validation_is_400(stack: Stack, extra: dict[str, Any], named: str) -> None:
+    stack.map(ALICE)
+    body = assert_failure(stack.client.post("/test/ota/delivery", json={"node_id": NODE, **extra}), 400)
+    assert named in body["description"] and body["error_code"] == ErrorCode.BAD_REQUEST
+    assert stack.delivery.plans.armed(NODE) is None
+
+
+def test_ota_deliveries_need_the_jobs_owner(stack: Stack) -> None:
+    stack.map(ALICE)
+    img = upload(stack)
+    job = stack.client.post("/v1/user/otajob", json={"ota_image_id": img["ota_image_id"], "node_id": NODE}, headers=stack.auth(ALICE))
+    job_id = job.json()["ota_job_id"]
+    r = stack.client.get("/test/ota/deliveries", params={"ota_job_id": job_id}, headers=stack.auth(ALICE))
+    assert r.status_code == 200 and r.json() == []  # the fake OTA host records nothing; the stack's publisher does
+    assert_failure(stack.client.get("/test/ota/deliveries", params={"ota_job_id": job_id}), 401)
+    assert_failure(stack.client.get("/test/ota/deliveries", params={"ota_job_id": job_id}, headers=stack.auth(BOB)), 404)
+    assert_failure(stack.client.get("/test/ota/deliveries", params={"ota_job_id": "nope"}, headers=stack.auth(ALICE)), 404)
+    assert_failure(stack.client.get("/test/ota/deliveries", headers=stack.auth(ALICE)), 400)
+
+
+def test_ota_delivery_endpoints_only_in_test_mode(stack: Stack) -> None:
+    stack.map(ALICE)
+    prod = create_app(stack.store, SystemClock(), None, None, test_mode=False, ota_delivery=DeliveryControl.create())
+    with TestClient(prod) as client:
+        assert_failure(client.post("/test/ota/delivery", json={"node_id": NODE}), 404)
+        assert_failure(client.delete("/test/ota/delivery", params={"node_id": NODE}), 404)
+        assert_failure(client.get("/test/ota/deliveries", params={"ota_job_id": "x"}, headers=stack.auth(ALICE)), 404)
+        assert not set(DELIVERY_PATHS) & client.get("/openapi.json").json()["paths"].keys()
+    assert set(DELIVERY_PATHS) <= stack.client.get("/openapi.json").json()["paths"].keys()
+    without_host = create_app(stack.store, ManualClock(), None, None, test_mode=True)
+    with TestClient(without_host) as client:
+        body = assert_failure(client.post("/test/ota/delivery", json={"node_id": NODE}), 503)
+        assert "OTA delivery control is not available" in body["description"]
 
 
 # --------------------------------------------------------------------------- topics
@@ -933,8 +1033,9 @@ def test_e2e_ota_job_otaurl_reaches_the_node(live: LiveStack, node: MqttProbe) -
     live.store.map_node(E2E_NODE, user.user_id, Role.PRIMARY, live.clock.now())
     node.subscribe(f"node/{E2E_NODE}/otaurl")
     h = live.auth(ALICE)
-    img = live.client.post("/v1/user/otaimage", json={"image_name": "sw", "base64_fwimage": base64.b64encode(IMAGE).decode()},
-                           headers=h).json()
+    img = live.client.post(
+        "/v1/user/otaimage", json={"image_name": "sw", "base64_fwimage": base64.b64encode(IMAGE).decode()}, headers=h
+    ).json()
     job = live.client.post("/v1/user/otajob", json={"ota_image_id": img["ota_image_id"], "node_id": E2E_NODE}, headers=h).json()
     got = json.loads(node.wait_for(f"node/{E2E_NODE}/otaurl").payload)
     assert got["ota_job_id"] == job["ota_job_id"] and got["file_size"] == len(IMAGE) and got["fw_version"] == DESC.version
@@ -965,8 +1066,9 @@ def test_e2e_service_needs_the_broker(lab_pki: LabPki, tmp_path: Path) -> None:
 
 def test_e2e_service_refused_without_the_service_identity(lab_pki: LabPki, mqtt_broker: MosquittoBroker) -> None:
     """Another lab certificate is not the service: the broker refuses it (client id ≠ CN), and start() says so at once."""
-    service = CloudMqtt(CloudStore.in_memory(), ManualClock(), pki=lab_pki, host=mqtt_broker.host, port=mqtt_broker.port,
-                        identity="not-the-cloud")
+    service = CloudMqtt(
+        CloudStore.in_memory(), ManualClock(), pki=lab_pki, host=mqtt_broker.host, port=mqtt_broker.port, identity="not-the-cloud"
+    )
     started = time.monotonic()
     with pytest.raises(MqttServiceError, match=r"(?i)refused|disconnected|not authori[sz]ed"):
         service.start(timeout=8)

@@ -86,9 +86,11 @@ __all__ = [
     "MqttPacket",
     "MqttTerminatingProxy",
     "ProxyConnection",
+    "RogueServerCertificate",
     "TerminatedConnection",
     "TlsAdversary",
     "TlsAttempt",
+    "issue_unknown_ca_certificate",
     "parse_mqtt_connect",
 ]
 
@@ -100,8 +102,8 @@ T = TypeVar("T")
 
 _IO_TIMEOUT_S = 30.0
 _DEFAULT_ALPN = ("x-amzn-mqtt-ca", "mqtt")  # RainMaker on 443 offers x-amzn-mqtt-ca (rainmaker-protocol.md §1.1)
-_WRONG_NAME = "wrong-subject.invalid"        # RFC 6761 .invalid: never resolves, never a real server name
-_WRONG_IP = "192.0.2.1"                      # RFC 5737 TEST-NET-1
+_WRONG_NAME = "wrong-subject.invalid"  # RFC 6761 .invalid: never resolves, never a real server name
+_WRONG_IP = "192.0.2.1"  # RFC 5737 TEST-NET-1
 
 
 class AdversaryError(RuntimeError):
@@ -122,23 +124,27 @@ class DeviceAdvisorCase:
 
 TLS_CASES: dict[AdversaryKind, DeviceAdvisorCase] = {
     "unknown_ca": DeviceAdvisorCase(
-        "TLS_Unsecure_Server_Cert", "Not Signed By Recognized CA",
+        "TLS_Unsecure_Server_Cert",
+        "Not Signed By Recognized CA",
         "refuse the handshake (close the connection)",
         "the rogue CA copies the lab CA's subject name, so a client that matches issuers by name only is caught too "
         "(OpenSSL then reports 'certificate signature failure' rather than 'unable to get local issuer certificate')",
     ),
     "wrong_subject": DeviceAdvisorCase(
-        "TLS_Incorrect_Subject_Name_Server_Cert", "Incorrect Subject CN / SAN",
+        "TLS_Incorrect_Subject_Name_Server_Cert",
+        "Incorrect Subject CN / SAN",
         "refuse the handshake (close the connection)",
         f"the certificate is issued by the lab CA for {_WRONG_NAME} / {_WRONG_IP} only",
     ),
     "expired": DeviceAdvisorCase(
-        "TLS_Expired_Server_Cert", "Expired server certificate",
+        "TLS_Expired_Server_Cert",
+        "Expired server certificate",
         "refuse the handshake and send a TLS alert (closing without an alert is 'pass with warnings')",
         "issued by the lab CA, expired one day before it was made (by real time: the node needs SNTP time)",
     ),
     "oversized_chain": DeviceAdvisorCase(
-        "TLS_Large_Size_Server_Cert", "TLS large Size Server Certificate",
+        "TLS_Large_Size_Server_Cert",
+        "TLS large Size Server Certificate",
         "complete the handshake",
         "a valid leaf issued by the lab CA, padded to chain_bytes DER bytes with a non-critical private extension",
     ),
@@ -148,17 +154,21 @@ FAULT_MODES: dict[FaultMode, tuple[DeviceAdvisorCase, ...]] = {
     "pass": (DeviceAdvisorCase("MQTT_Connect", "MQTT Connect", "send CONNECT; the proxy records when"),),
     "withhold_after_handshake": (
         DeviceAdvisorCase(
-            "MQTT_Connect_Jitter_Backoff_Retries", "MQTT Connect Jitter Backoff Retries",
+            "MQTT_Connect_Jitter_Backoff_Retries",
+            "MQTT Connect Jitter Backoff Retries",
             "retry with jittered exponential backoff while CONNACK never comes",
             "with withhold_after_s=0 every server byte after the TLS handshake is withheld: CONNACK and, in TLS 1.3, "
             "the NewSessionTicket records. Device Advisor grants CONNACK on some attempts; this proxy withholds on all",
         ),
         DeviceAdvisorCase(
-            "MQTT_Connect_Exponential_Backoff_Retries", "MQTT Connect Exponential Backoff Retries",
-            "retry with growing intervals while CONNACK never comes", "as above",
+            "MQTT_Connect_Exponential_Backoff_Retries",
+            "MQTT Connect Exponential Backoff Retries",
+            "retry with growing intervals while CONNACK never comes",
+            "as above",
         ),
         DeviceAdvisorCase(
-            "MQTT_No_Ack_PingResp", "MQTT No Ack PingResp",
+            "MQTT_No_Ack_PingResp",
+            "MQTT No Ack PingResp",
             "drop the connection when the broker stops answering (within 1.5 × keepalive)",
             "with withhold_after_s > 0 the server goes silent that long after the handshake: CONNACK and early acks "
             "pass, then nothing does — PINGRESP, PUBACK and SUBACK alike",
@@ -166,14 +176,16 @@ FAULT_MODES: dict[FaultMode, tuple[DeviceAdvisorCase, ...]] = {
     ),
     "drop_after_bytes": (
         DeviceAdvisorCase(
-            "MQTT_Long_Duration", "MQTT Long Duration (intermittent connectivity phase)",
+            "MQTT_Long_Duration",
+            "MQTT Long Duration (intermittent connectivity phase)",
             "reconnect after the connection breaks",
             "a cut after N bytes in one direction; the proxy cannot tell which MQTT packet the byte belongs to",
         ),
     ),
     "drop_after_server_flight": (
         DeviceAdvisorCase(
-            "MQTT_Reconnect_Backoff_Retries_On_Server_Disconnect", "MQTT Reconnect Backoff Retries On Server Disconnect",
+            "MQTT_Reconnect_Backoff_Retries_On_Server_Disconnect",
+            "MQTT Reconnect Backoff Retries On Server Disconnect",
             "back off between reconnects (linear or constant backoff fails)",
             "the server side disconnects during the TLS handshake (after its first flight; a TLS 1.3 client sees it "
             "just after its handshake), never after an MQTT session was up",
@@ -190,17 +202,21 @@ Not possible without terminating TLS (see :class:`MqttTerminatingProxy`):
 ``MQTT_No_Ack_PingResp`` with PINGRESP alone withheld."""
 
 TERMINATING_CASES: dict[str, DeviceAdvisorCase] = {
-    "CONNACK": DeviceAdvisorCase("MQTT_Connect_Jitter_Backoff_Retries", "MQTT Connect Jitter Backoff Retries",
-                                 "retry with jittered exponential backoff while CONNACK never comes"),
-    "PUBACK": DeviceAdvisorCase("MQTT_Publish_Retry_No_Puback", "MQTT Publish Retry No Puback",
-                                "republish with the same packet id (DUP set) without disconnecting"),
-    "SUBACK": DeviceAdvisorCase("MQTT_Subscribe_Retry_No_Suback", "MQTT Subscribe Retry No Suback",
-                                "re-subscribe with the same packet id"),
-    "PINGRESP": DeviceAdvisorCase("MQTT_No_Ack_PingResp", "MQTT No Ack PingResp",
-                                  "drop the connection within 1.5 × keepalive"),
+    "CONNACK": DeviceAdvisorCase(
+        "MQTT_Connect_Jitter_Backoff_Retries",
+        "MQTT Connect Jitter Backoff Retries",
+        "retry with jittered exponential backoff while CONNACK never comes",
+    ),
+    "PUBACK": DeviceAdvisorCase(
+        "MQTT_Publish_Retry_No_Puback", "MQTT Publish Retry No Puback", "republish with the same packet id (DUP set) without disconnecting"
+    ),
+    "SUBACK": DeviceAdvisorCase("MQTT_Subscribe_Retry_No_Suback", "MQTT Subscribe Retry No Suback", "re-subscribe with the same packet id"),
+    "PINGRESP": DeviceAdvisorCase("MQTT_No_Ack_PingResp", "MQTT No Ack PingResp", "drop the connection within 1.5 × keepalive"),
     "disconnect_after_connack": DeviceAdvisorCase(
-        "MQTT_ReconnectionAfterSuccessfulConnection", "MQTT Reconnection After Successful Connection",
-        "wait at least 1 s before reconnecting"),
+        "MQTT_ReconnectionAfterSuccessfulConnection",
+        "MQTT Reconnection After Successful Connection",
+        "wait at least 1 s before reconnecting",
+    ),
 }
 """Which case each withheld packet type (or ``disconnect_after_connack``) of
 :class:`MqttTerminatingProxy` stands for."""
@@ -208,9 +224,23 @@ TERMINATING_CASES: dict[str, DeviceAdvisorCase] = {
 
 # --------------------------------------------------------------------------- MQTT parsing
 
-_PACKET_TYPES = {1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL", 7: "PUBCOMP",
-                 8: "SUBSCRIBE", 9: "SUBACK", 10: "UNSUBSCRIBE", 11: "UNSUBACK", 12: "PINGREQ", 13: "PINGRESP",
-                 14: "DISCONNECT", 15: "AUTH"}
+_PACKET_TYPES = {
+    1: "CONNECT",
+    2: "CONNACK",
+    3: "PUBLISH",
+    4: "PUBACK",
+    5: "PUBREC",
+    6: "PUBREL",
+    7: "PUBCOMP",
+    8: "SUBSCRIBE",
+    9: "SUBACK",
+    10: "UNSUBSCRIBE",
+    11: "UNSUBACK",
+    12: "PINGREQ",
+    13: "PINGRESP",
+    14: "DISCONNECT",
+    15: "AUTH",
+}
 _WITHHOLDABLE = frozenset({"CONNACK", "PUBACK", "PUBREC", "PUBCOMP", "SUBACK", "UNSUBACK", "PINGRESP"})
 _MAX_PACKET = 256 * 1024 + 5  # AWS IoT's payload limit is 128 KB (MQTT_Client_Puback_QoS1 PAYLOAD_SIZE); room to spare
 
@@ -271,13 +301,13 @@ def parse_mqtt_connect(data: bytes) -> MqttConnect | None:
         def u16(at: int) -> int:
             if at + 2 > end:
                 raise ValueError("truncated")
-            return int.from_bytes(data[at:at + 2], "big")
+            return int.from_bytes(data[at : at + 2], "big")
 
         def string(at: int) -> tuple[str, int]:
             n = u16(at)
             if at + 2 + n > end:
                 raise ValueError("truncated")
-            return data[at + 2:at + 2 + n].decode("utf-8"), at + 2 + n
+            return data[at + 2 : at + 2 + n].decode("utf-8"), at + 2 + n
 
         name, pos = string(pos)
         level, flags = data[pos], data[pos + 1]
@@ -301,8 +331,7 @@ def parse_mqtt_connect(data: bytes) -> MqttConnect | None:
         username = None
         if flags & 0x80:
             username, pos = string(pos)
-        return MqttConnect(name, level, client_id, keepalive, bool(flags & 0x02), username, bool(flags & 0x40),
-                           will_topic)
+        return MqttConnect(name, level, client_id, keepalive, bool(flags & 0x02), username, bool(flags & 0x40), will_topic)
     except (ValueError, IndexError, UnicodeDecodeError):
         return None
 
@@ -324,21 +353,22 @@ class MqttPacket:
     client_id: str | None = None
 
 
-def _describe_packet(raw: bytes, direction: Literal["node_to_broker", "broker_to_node"],
-                     action: Literal["forwarded", "withheld"]) -> MqttPacket:
+def _describe_packet(
+    raw: bytes, direction: Literal["node_to_broker", "broker_to_node"], action: Literal["forwarded", "withheld"]
+) -> MqttPacket:
     kind = _PACKET_TYPES.get(raw[0] >> 4, f"type{raw[0] >> 4}")
     flags = raw[0] & 0x0F
     parsed = _varint(raw, 1)
-    body = raw[parsed[1]:] if parsed else b""
+    body = raw[parsed[1] :] if parsed else b""
     packet_id = qos = topic = client_id = None
     dup = False
     try:
         if kind == "PUBLISH":
             qos, dup = (flags >> 1) & 0x03, bool(flags & 0x08)
             n = int.from_bytes(body[:2], "big")
-            topic = body[2:2 + n].decode("utf-8", errors="replace")
+            topic = body[2 : 2 + n].decode("utf-8", errors="replace")
             if qos:
-                packet_id = int.from_bytes(body[2 + n:4 + n], "big")
+                packet_id = int.from_bytes(body[2 + n : 4 + n], "big")
         elif kind in {"PUBACK", "PUBREC", "PUBREL", "PUBCOMP", "SUBSCRIBE", "SUBACK", "UNSUBSCRIBE", "UNSUBACK"}:
             packet_id = int.from_bytes(body[:2], "big") if len(body) >= 2 else None
         elif kind == "CONNECT":
@@ -409,26 +439,44 @@ def _issue(
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                          key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
-            critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     else:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True, data_encipherment=False,
-                          key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
-            critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         builder = builder.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     if hosts:
         builder = builder.add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
     if padding > 0:
-        builder = builder.add_extension(
-            x509.UnrecognizedExtension(_PADDING_OID, _der_octet_string(b"\xa5" * padding)), critical=False)
+        builder = builder.add_extension(x509.UnrecognizedExtension(_PADDING_OID, _der_octet_string(b"\xa5" * padding)), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
 
 
 def _cn(name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rig adversary"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rig adversary"), x509.NameAttribute(NameOID.COMMON_NAME, name)])
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -436,6 +484,76 @@ def _write_private(path: Path, data: bytes) -> None:
     path.unlink(missing_ok=True)
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(data)
+
+
+_ROGUE_CA_FILE = "rogue-ca.pem"
+_CHAIN_FILE = "server-chain.pem"
+_KEY_FILE = "server.key"
+
+
+@dataclass(frozen=True)
+class RogueServerCertificate:
+    """A server certificate from a CA nodes do not trust (Device Advisor's
+    ``TLS_Unsecure_Server_Cert``), by path. ``repr`` shows paths only."""
+
+    cert_path: Path
+    """The server certificate (a chain of one), PEM."""
+    key_path: Path
+    """Its private key, PEM, mode 0600."""
+    rogue_ca_path: Path
+    """The rogue CA certificate, PEM: a client trusting it (and only it) verifies the server."""
+
+
+def issue_unknown_ca_certificate(
+    ca_cert_path: Path, out_dir: Path, hosts: Sequence[str], *, subject: x509.Name | None = None
+) -> RogueServerCertificate:
+    """A server certificate for *hosts* (DNS or IP SANs) issued by a fresh rogue CA that
+    copies the lab CA's subject name, so the issuer is wrong only by its key — what
+    :class:`TlsAdversary` ``unknown_ca`` presents. *subject* defaults to ``CN = hosts[0]``.
+    Writes ``rogue-ca.pem``, ``server-chain.pem`` and ``server.key`` into *out_dir*."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ca_cert, _ = _load_ca(Path(ca_cert_path), None)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf_subject = subject if subject is not None else _cn(hosts[0] if hosts else "localhost")
+    return _write_unknown_ca_chain(ca_cert, out, hosts, leaf_subject, leaf_key, dt.datetime.now(dt.UTC))
+
+
+def _write_unknown_ca_chain(
+    ca_cert: x509.Certificate,
+    out: Path,
+    hosts: Sequence[str],
+    leaf_subject: x509.Name,
+    leaf_key: ec.EllipticCurvePrivateKey,
+    now: dt.datetime,
+) -> RogueServerCertificate:
+    year = dt.timedelta(days=365)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    rogue = _issue(
+        ca_cert.subject,
+        rogue_key.public_key(),
+        ca_cert.subject,
+        rogue_key,
+        not_before=now - dt.timedelta(days=1),
+        not_after=now + year,
+        ca=True,
+    )
+    result = RogueServerCertificate(out / _CHAIN_FILE, out / _KEY_FILE, out / _ROGUE_CA_FILE)
+    result.rogue_ca_path.write_bytes(rogue.public_bytes(serialization.Encoding.PEM))
+    leaf = _issue(
+        leaf_subject,
+        leaf_key.public_key(),
+        rogue.subject,
+        rogue_key,
+        not_before=now - dt.timedelta(days=1),
+        not_after=now + year,
+        hosts=hosts,
+    )
+    _write_private(
+        result.key_path, leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    result.cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    return result
 
 
 # --------------------------------------------------------------------------- listener plumbing
@@ -695,8 +813,8 @@ class TlsAdversary(_Served):
         self.alpn = tuple(alpn)
         self.read_timeout_s = read_timeout_s
         self.max_receive = max_receive
-        self.cert_path = self.state_dir / "server-chain.pem"
-        self.key_path = self.state_dir / "server.key"
+        self.cert_path = self.state_dir / _CHAIN_FILE
+        self.key_path = self.state_dir / _KEY_FILE
         self._listener = _Listener(f"tls-adversary-{kind}", host, port, self._handle)
         self._attempts: _Recorder[TlsAttempt] = _Recorder()
         self._sni: dict[int, str] = {}
@@ -720,13 +838,15 @@ class TlsAdversary(_Served):
 
     def wait_for_attempts(self, count: int = 1, timeout: float = 10.0) -> list[TlsAttempt]:
         """Block until *count* connection attempts have finished; return all of them."""
-        return self._attempts.wait(lambda items: len(items) >= count, timeout,
-                                   f"{count} finished connection(s) to the {self.kind} adversary")
+        return self._attempts.wait(
+            lambda items: len(items) >= count, timeout, f"{count} finished connection(s) to the {self.kind} adversary"
+        )
 
     def wait_for_attempt(self, predicate: Callable[[TlsAttempt], bool], timeout: float = 10.0) -> TlsAttempt:
         """Block until a finished attempt satisfies *predicate* (e.g. ``a.client == "127.0.1.3:50123"``)."""
-        found = self._attempts.wait(lambda items: any(predicate(a) for a in items), timeout,
-                                    f"a matching connection to the {self.kind} adversary")
+        found = self._attempts.wait(
+            lambda items: any(predicate(a) for a in items), timeout, f"a matching connection to the {self.kind} adversary"
+        )
         return next(a for a in found if predicate(a))
 
     def attempt_intervals(self) -> list[float]:
@@ -744,26 +864,43 @@ class TlsAdversary(_Served):
         leaf_subject = _cn(self.hosts[0] if self.hosts else "localhost")
         chain: list[x509.Certificate]
         if self.kind == "unknown_ca":
-            rogue_key = ec.generate_private_key(ec.SECP256R1())
-            rogue = _issue(ca_cert.subject, rogue_key.public_key(), ca_cert.subject, rogue_key,
-                           not_before=now - dt.timedelta(days=1), not_after=now + year, ca=True)
-            (self.state_dir / "rogue-ca.pem").write_bytes(rogue.public_bytes(serialization.Encoding.PEM))
-            chain = [_issue(leaf_subject, leaf_key.public_key(), rogue.subject, rogue_key,
-                            not_before=now - dt.timedelta(days=1), not_after=now + year, hosts=self.hosts)]
-        elif self.kind == "wrong_subject":
-            chain = [_issue(_cn(_WRONG_NAME), leaf_key.public_key(), ca_cert.subject, ca_key,
-                            not_before=now - dt.timedelta(days=1), not_after=now + year, hosts=(_WRONG_NAME, _WRONG_IP))]
+            _write_unknown_ca_chain(ca_cert, self.state_dir, self.hosts, leaf_subject, leaf_key, now)
+            return
+        if self.kind == "wrong_subject":
+            chain = [
+                _issue(
+                    _cn(_WRONG_NAME),
+                    leaf_key.public_key(),
+                    ca_cert.subject,
+                    ca_key,
+                    not_before=now - dt.timedelta(days=1),
+                    not_after=now + year,
+                    hosts=(_WRONG_NAME, _WRONG_IP),
+                )
+            ]
         elif self.kind == "expired":
-            chain = [_issue(leaf_subject, leaf_key.public_key(), ca_cert.subject, ca_key,
-                            not_before=now - dt.timedelta(days=31), not_after=now - dt.timedelta(days=1), hosts=self.hosts)]
+            chain = [
+                _issue(
+                    leaf_subject,
+                    leaf_key.public_key(),
+                    ca_cert.subject,
+                    ca_key,
+                    not_before=now - dt.timedelta(days=31),
+                    not_after=now - dt.timedelta(days=1),
+                    hosts=self.hosts,
+                )
+            ]
         else:
             chain = self._oversized_chain(ca_cert, ca_key, leaf_key, leaf_subject, now)
-        _write_private(self.key_path, leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
+        _write_private(
+            self.key_path,
+            leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        )
         self.cert_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
 
-    def _oversized_chain(self, ca_cert: x509.Certificate, ca_key: object, leaf_key: ec.EllipticCurvePrivateKey,
-                         leaf_subject: x509.Name, now: dt.datetime) -> list[x509.Certificate]:
+    def _oversized_chain(
+        self, ca_cert: x509.Certificate, ca_key: object, leaf_key: ec.EllipticCurvePrivateKey, leaf_subject: x509.Name, now: dt.datetime
+    ) -> list[x509.Certificate]:
         """One leaf issued by the lab CA, padded to ``chain_bytes`` DER bytes. A single
         certificate, not a longer chain: the lab CA carries pathLenConstraint 0
         (rig.cloud.pki), so an intermediate under it would be refused for that reason
@@ -771,8 +908,16 @@ class TlsAdversary(_Served):
         server certificate."""
         padding = 0
         for _ in range(4):  # DER length fields grow by a byte or two as the padding grows
-            leaf = _issue(leaf_subject, leaf_key.public_key(), ca_cert.subject, ca_key, hosts=self.hosts, padding=padding,
-                          not_before=now - dt.timedelta(days=1), not_after=now + dt.timedelta(days=365))
+            leaf = _issue(
+                leaf_subject,
+                leaf_key.public_key(),
+                ca_cert.subject,
+                ca_key,
+                hosts=self.hosts,
+                padding=padding,
+                not_before=now - dt.timedelta(days=1),
+                not_after=now + dt.timedelta(days=365),
+            )
             size = len(leaf.public_bytes(serialization.Encoding.DER))
             if size >= self.chain_bytes:
                 break
@@ -809,18 +954,29 @@ class TlsAdversary(_Served):
                 alert = reason if isinstance(reason, str) and "ALERT" in reason else None
                 with self._sni_lock:
                     sni = self._sni.pop(id(sock), None)
-                self._attempts.add(TlsAttempt(client, started, mono, False, failure=str(reason), client_alert=alert,
-                                              sni=sni, ended_at=time.monotonic()))
+                self._attempts.add(
+                    TlsAttempt(client, started, mono, False, failure=str(reason), client_alert=alert, sni=sni, ended_at=time.monotonic())
+                )
                 return
             with self._sni_lock:
                 sni = self._sni.pop(id(sock), None)
             received = self._read_first_packet(sock)
             cipher = sock.cipher()
-            self._attempts.add(TlsAttempt(
-                client, started, mono, True, tls_version=sock.version(), cipher=cipher[0] if cipher else None,
-                sni=sni, alpn=sock.selected_alpn_protocol(), received=received,
-                mqtt_connect=parse_mqtt_connect(received), ended_at=time.monotonic(),
-            ))
+            self._attempts.add(
+                TlsAttempt(
+                    client,
+                    started,
+                    mono,
+                    True,
+                    tls_version=sock.version(),
+                    cipher=cipher[0] if cipher else None,
+                    sni=sni,
+                    alpn=sock.selected_alpn_protocol(),
+                    received=received,
+                    mqtt_connect=parse_mqtt_connect(received),
+                    ended_at=time.monotonic(),
+                )
+            )
         finally:
             self._listener.forget(sock)
             sock.close()
@@ -977,14 +1133,14 @@ class MqttFaultProxy(_Served):
         return self.wait_for(lambda cs: len(cs) >= count, timeout, f"{count} connection(s) through the proxy")
 
     def wait_for_closed(self, count: int, timeout: float) -> list[ProxyConnection]:
-        return self.wait_for(lambda cs: sum(c.closed_at is not None for c in cs) >= count, timeout,
-                             f"{count} closed connection(s) through the proxy")
+        return self.wait_for(
+            lambda cs: sum(c.closed_at is not None for c in cs) >= count, timeout, f"{count} closed connection(s) through the proxy"
+        )
 
     # ------------------------------------------------------------------ internals
 
     def _handle(self, client: socket.socket, addr: tuple[str, int]) -> None:
-        conn = ProxyConnection(index=-1, client=f"{addr[0]}:{addr[1]}", accepted_at=time.monotonic(),
-                               accepted_wall=time.time())
+        conn = ProxyConnection(index=-1, client=f"{addr[0]}:{addr[1]}", accepted_at=time.monotonic(), accepted_wall=time.time())
         conn.index = self._connections.add(copy.copy(conn))
 
         def publish() -> None:
@@ -1009,8 +1165,7 @@ class MqttFaultProxy(_Served):
                 conn.closed_at, conn.closed_by = time.monotonic(), conn.closed_by or "proxy"
             publish()
 
-    def _pump(self, conn: ProxyConnection, client: socket.socket, upstream: socket.socket,
-              publish: Callable[[], None]) -> None:
+    def _pump(self, conn: ProxyConnection, client: socket.socket, upstream: socket.socket, publish: Callable[[], None]) -> None:
         for s in (client, upstream):
             s.settimeout(_IO_TIMEOUT_S)  # bounds a blocked sendall; reads only happen when ready
         side: dict[socket.socket, Literal["client", "upstream"]] = {client: "client", upstream: "upstream"}
@@ -1075,8 +1230,7 @@ class MqttFaultProxy(_Served):
                         conn.tls = up_records.is_tls
                         if conn.tls is False and conn.handshake_at is None:
                             conn.handshake_at = time.monotonic()
-                        if (self.mode == "withhold_after_handshake" and withhold_from is None
-                                and conn.handshake_at is not None):
+                        if self.mode == "withhold_after_handshake" and withhold_from is None and conn.handshake_at is not None:
                             withhold_from = conn.handshake_at + self.withhold_after_s
                             if self.withhold_after_s == 0:
                                 # every server byte read from now on was sent after the handshake:
@@ -1185,7 +1339,8 @@ class MqttTerminatingProxy(_Served):
         self.withhold = frozenset(withhold)
         self.disconnect_after_connack = disconnect_after_connack
         self.cases = tuple(TERMINATING_CASES[k] for k in sorted(self.withhold) if k in TERMINATING_CASES) + (
-            (TERMINATING_CASES["disconnect_after_connack"],) if disconnect_after_connack else ())
+            (TERMINATING_CASES["disconnect_after_connack"],) if disconnect_after_connack else ()
+        )
         self.identities = {node: (Path(c), Path(k)) for node, (c, k) in client_identities.items()}
         self.connect_timeout_s = connect_timeout_s
         try:
@@ -1222,14 +1377,16 @@ class MqttTerminatingProxy(_Served):
         return next(p for c in found for p in c.packets if predicate(p))
 
     def wait_for_closed(self, count: int, timeout: float) -> list[TerminatedConnection]:
-        return self._connections.wait(lambda cs: sum(c.closed_at is not None for c in cs) >= count, timeout,
-                                      f"{count} closed connection(s) through the terminating proxy")
+        return self._connections.wait(
+            lambda cs: sum(c.closed_at is not None for c in cs) >= count,
+            timeout,
+            f"{count} closed connection(s) through the terminating proxy",
+        )
 
     # ------------------------------------------------------------------ internals
 
     def _handle(self, raw: socket.socket, addr: tuple[str, int]) -> None:
-        conn = TerminatedConnection(index=-1, client=f"{addr[0]}:{addr[1]}", accepted_at=time.monotonic(),
-                                    accepted_wall=time.time())
+        conn = TerminatedConnection(index=-1, client=f"{addr[0]}:{addr[1]}", accepted_at=time.monotonic(), accepted_wall=time.time())
         conn.index = self._connections.add(copy.copy(conn))
         raw.settimeout(_IO_TIMEOUT_S)
         node = self._server_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
@@ -1244,8 +1401,7 @@ class MqttTerminatingProxy(_Served):
             cert = node.getpeercert() or {}
             conn.node_id = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
             if conn.node_id not in self.identities:
-                self._finish(conn, "proxy", f"the node's certificate CN {conn.node_id!r} is not an identity "
-                                            "this proxy holds a key for")
+                self._finish(conn, "proxy", f"the node's certificate CN {conn.node_id!r} is not an identity this proxy holds a key for")
                 return
             try:
                 upstream = self._connect_upstream(conn.node_id, node.selected_alpn_protocol())
@@ -1353,7 +1509,7 @@ def _send_all(sock: ssl.SSLSocket, data: bytes, timeout: float = _IO_TIMEOUT_S) 
     deadline = time.monotonic() + timeout
     while view:
         try:
-            view = view[sock.send(view):]
+            view = view[sock.send(view) :]
             continue
         except ssl.SSLWantReadError:
             event = selectors.EVENT_READ

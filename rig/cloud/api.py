@@ -34,11 +34,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rig.cloud.auth import AccessClaims, InvalidCredentials, TokenAuthority, TokenError
 from rig.cloud.clock import Clock, ManualClock
+from rig.cloud.ota_delivery import DeliveryControl, DeliveryPlan, Fault, HostLabel, Transport
+from rig.cloud.ota_host import AccessRecord
 from rig.cloud.service import NodeChannel, NodeUnreachable, OtaImagePublisher, dispatch_ota
 from rig.cloud.store import (
     CloudStore,
@@ -99,9 +101,7 @@ class ApiError(Exception):
 
 
 def failure(status_code: int, description: str, error_code: ErrorCode) -> JSONResponse:
-    return JSONResponse(
-        status_code=status_code, content={"status": "failure", "description": description, "error_code": int(error_code)}
-    )
+    return JSONResponse(status_code=status_code, content={"status": "failure", "description": description, "error_code": int(error_code)})
 
 
 # --------------------------------------------------------------------------- models
@@ -280,9 +280,7 @@ class SharingAnswer(_Body):
 class OtaImageUpload(_Body):
     image_name: str = Field(min_length=1, max_length=128)
     base64_fwimage: str = Field(min_length=1)
-    fw_version: str | None = Field(
-        default=None, max_length=32, description="overrides the version read from the image's esp_app_desc_t"
-    )
+    fw_version: str | None = Field(default=None, max_length=32, description="overrides the version read from the image's esp_app_desc_t")
 
 
 class OtaImageResponse(BaseModel):
@@ -366,6 +364,72 @@ class ClockNow(BaseModel):
     now: float
 
 
+class OtaDeliveryPlanBody(BaseModel):
+    """A one-shot OTA delivery plan for a node (test mode); see :mod:`rig.cloud.ota_delivery`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: NodeId
+    sign: StrictBool = Field(default=True, description="false: serve the upload byte for byte, no HSM strip and re-sign")
+    transport: Transport = Field(
+        default="https", description="https: the lab OTA host; http: its plain-HTTP listener; unknown_ca: a host with a rogue-CA cert"
+    )
+    cut_after: StrictInt | None = Field(default=None, ge=0, description="serve body bytes below this file offset, then close")
+    stall_after: StrictInt | None = Field(default=None, ge=0, description="serve body bytes below this file offset, then hold silently")
+
+    @model_validator(mode="after")
+    def _one_fault(self) -> OtaDeliveryPlanBody:
+        if self.cut_after is not None and self.stall_after is not None:
+            raise ValueError("give at most one of cut_after and stall_after")
+        return self
+
+
+class OtaDeliveryPlanView(BaseModel):
+    node_id: str
+    sign: bool
+    transport: Transport
+    cut_after: int | None
+    stall_after: int | None
+    replaced: bool = Field(description="an earlier plan armed for the node was replaced")
+
+
+class OtaDeliveryDisarmed(BaseModel):
+    node_id: str
+    disarmed: bool = Field(description="false: no plan was armed for the node")
+
+
+class OtaDeliveryRequestView(BaseModel):
+    """One OTA host access-log record (the path's token redacted to a prefix)."""
+
+    time: float
+    client: str
+    scheme: str
+    tls_version: str | None
+    method: str
+    path: str
+    status: int = Field(description="0: the TLS handshake failed")
+    range: str | None
+    bytes_sent: int
+    complete: bool
+    fault: Fault | None
+    error: str | None
+
+
+class OtaDeliveryView(BaseModel):
+    node_id: str
+    sha256: str
+    file_size: int
+    url_scheme: str
+    host: HostLabel
+    signed_by: str | None = Field(description="the HSM key label; null when served as uploaded")
+    fault: Fault | None
+    fault_at: int | None
+    requests: list[OtaDeliveryRequestView]
+    tls_failures: list[OtaDeliveryRequestView] = Field(
+        description="failed TLS handshakes on the same listener from this publish until the next there (by order: no URL is known yet)"
+    )
+
+
 # --------------------------------------------------------------------------- context and dependencies
 
 
@@ -378,6 +442,7 @@ class CloudContext:
     ota: OtaImagePublisher | None
     mqtt_host: str
     mqtt_port: int | None
+    delivery: DeliveryControl | None = None
 
 
 def _ctx(request: Request) -> CloudContext:
@@ -702,9 +767,7 @@ def upload_ota_image(ctx: Ctx, user: User, body: OtaImageUpload) -> OtaImageResp
         desc = None
     fw_version = body.fw_version if body.fw_version is not None else desc.version if desc is not None else None
     if fw_version is None:
-        raise ApiError(
-            400, "the image has no esp_app_desc_t at offset 0x20; give fw_version to upload it anyway", ErrorCode.BAD_REQUEST
-        )
+        raise ApiError(400, "the image has no esp_app_desc_t at offset 0x20; give fw_version to upload it anyway", ErrorCode.BAD_REQUEST)
     image = ctx.store.add_ota_image(
         user.user_id,
         body.image_name,
@@ -832,6 +895,90 @@ def advance_clock(ctx: Ctx, body: ClockAdvance) -> ClockNow:
     if not isinstance(ctx.clock, ManualClock):
         raise ApiError(403, "the stack's clock is not a test clock", ErrorCode.FORBIDDEN)
     return ClockNow(now=ctx.clock.advance(body.seconds))
+
+
+def _delivery(ctx: CloudContext) -> DeliveryControl:
+    if ctx.delivery is None:
+        raise ApiError(
+            503, "OTA delivery control is not available: this API runs without the local stack's OTA host", ErrorCode.SERVICE_UNAVAILABLE
+        )
+    return ctx.delivery
+
+
+def _request_view(r: AccessRecord) -> OtaDeliveryRequestView:
+    return OtaDeliveryRequestView(
+        time=r.time,
+        client=r.client,
+        scheme=r.scheme,
+        tls_version=r.tls_version,
+        method=r.method,
+        path=r.path,
+        status=r.status,
+        range=r.range,
+        bytes_sent=r.bytes_sent,
+        complete=r.complete,
+        fault=r.fault,
+        error=r.error,
+    )
+
+
+@test_only.post("/ota/delivery", response_model=OtaDeliveryPlanView, responses={404: _ERRORS[404], 503: _ERRORS[503]})
+def arm_ota_delivery(ctx: Ctx, body: OtaDeliveryPlanBody) -> OtaDeliveryPlanView:
+    """Arm a one-shot delivery plan for the node's next OTA publish (test mode only): served
+    unsigned, over plain HTTP or from a rogue-CA host, cut or stalled after N bytes. Replaces
+    a plan already armed for the node."""
+    control = _delivery(ctx)
+    if ctx.store.get_node(body.node_id) is None:
+        raise ApiError(
+            404,
+            f"node {body.node_id} is not known to the cloud: it has not reported its config or params nor been mapped yet",
+            ErrorCode.NOT_FOUND,
+        )
+    plan = DeliveryPlan(**body.model_dump())
+    previous = control.plans.arm(plan)
+    return OtaDeliveryPlanView(
+        node_id=plan.node_id,
+        sign=plan.sign,
+        transport=plan.transport,
+        cut_after=plan.cut_after,
+        stall_after=plan.stall_after,
+        replaced=previous is not None,
+    )
+
+
+@test_only.delete("/ota/delivery", response_model=OtaDeliveryDisarmed, responses={503: _ERRORS[503]})
+def disarm_ota_delivery(ctx: Ctx, node_id: Annotated[str, Query(pattern=NODE_ID_PATTERN)]) -> OtaDeliveryDisarmed:
+    """Drop the node's armed delivery plan (test mode only)."""
+    return OtaDeliveryDisarmed(node_id=node_id, disarmed=_delivery(ctx).plans.disarm(node_id))
+
+
+@test_only.get(
+    "/ota/deliveries",
+    response_model=list[OtaDeliveryView],
+    responses={401: _ERRORS[401], 404: _ERRORS[404], 503: _ERRORS[503]},
+)
+def ota_deliveries(ctx: Ctx, user: User, ota_job_id: Annotated[str, Query(min_length=1, max_length=64)]) -> list[OtaDeliveryView]:
+    """Every publish of the user's OTA job (test mode only), with the OTA host's records of
+    what its URL served: the evidence of exactly which bytes went to the device."""
+    control = _delivery(ctx)
+    nodes = ctx.store.ota_job_nodes(ota_job_id)
+    if not nodes or nodes[0].user_id != user.user_id:
+        raise ApiError(404, "OTA job not found", ErrorCode.NOT_FOUND)
+    return [
+        OtaDeliveryView(
+            node_id=d.node_id,
+            sha256=d.sha256,
+            file_size=d.file_size,
+            url_scheme=d.url_scheme,
+            host=d.host,
+            signed_by=d.signed_by,
+            fault=d.fault,
+            fault_at=d.fault_at,
+            requests=[_request_view(r) for r in d.requests],
+            tls_failures=[_request_view(r) for r in d.tls_failures],
+        )
+        for d in control.log.deliveries(ota_job_id)
+    ]
 
 
 # --------------------------------------------------------------------------- error handling and limits
@@ -966,13 +1113,15 @@ def create_app(
     mqtt_port: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_image_body_bytes: int = MAX_IMAGE_BODY_BYTES,
+    ota_delivery: DeliveryControl | None = None,
 ) -> FastAPI:
     """The cloud REST API over *store*.
 
     *mqtt* is the cloud service (:class:`~rig.cloud.service.CloudMqtt`, or anything with its
-    ``publish_to_node``); *ota* the OTA image host. ``POST /test/clock/advance`` exists only
-    with *test_mode* (and moves only a :class:`~rig.cloud.clock.ManualClock`). OpenAPI is
-    served at ``/openapi.json``.
+    ``publish_to_node``); *ota* the OTA image host. The ``/test/*`` paths exist only with
+    *test_mode*: ``POST /test/clock/advance`` (moves only a :class:`~rig.cloud.clock.ManualClock`)
+    and ``/test/ota/delivery`` / ``/test/ota/deliveries`` (answer 503 without *ota_delivery*,
+    the plans and log *ota*'s publisher uses). OpenAPI is served at ``/openapi.json``.
     """
     app = FastAPI(
         title="rig local cloud (ESP RainMaker v1 stand-in)",
@@ -989,6 +1138,7 @@ def create_app(
         ota=ota,
         mqtt_host=mqtt_host,
         mqtt_port=mqtt_port,
+        delivery=ota_delivery if test_mode else None,
     )
     app.include_router(public)
     app.include_router(v1)

@@ -26,6 +26,15 @@ served; the ranges follow RFC 9110 §14 (one range per request).
 * TLS 1.2 or later only, with a certificate from the lab CA. ``plain_http=True`` adds a
   second, plain-HTTP listener serving the same URLs, for the negative test that a node
   refuses an ``http://`` OTA URL (``accepts_http_ota``); it is off by default.
+* Delivery faults (test mode, :mod:`rig.cloud.ota_delivery`): a URL published with
+  ``cut_after=N`` or ``stall_after=N`` answers every GET with the full response headers
+  (Content-Length / Content-Range as usual) but only the body bytes at file offsets
+  below N; then it closes the connection (a connection cut mid-download) or sends
+  nothing more and holds it open (a download frozen mid-write, so a test can cut the
+  board's power during the write) until the client goes away, the host stops or
+  ``stall_hold_s`` passes. The access record says ``fault`` "cut" / "stall" when a
+  response was cut short; a stalled one is logged when the stall begins (its
+  ``bytes_sent`` is final then), so a suite can wait for it.
 
 Stdlib ``http.server`` + ``ssl`` in threads: the TLS handshake runs in the connection's
 own thread (not in ``accept``), so a slow or hostile client cannot stall the listener.
@@ -40,6 +49,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import socket
 import socketserver
 import ssl
@@ -50,12 +60,14 @@ from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from rig.cloud.clock import Clock
 
-__all__ = ["AccessRecord", "OtaHostError", "OtaImageHost", "PublishedImage", "RangeNotSatisfiable", "parse_byte_range"]
+__all__ = ["AccessRecord", "OtaFault", "OtaHostError", "OtaImageHost", "PublishedImage", "RangeNotSatisfiable", "parse_byte_range"]
+
+OtaFault = Literal["cut", "stall"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +76,9 @@ _TOKEN_IN_TEXT = re.compile(r"/ota/([A-Za-z0-9_-]+)/")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _CHUNK = 64 * 1024
 _IO_TIMEOUT_S = 30.0
-_POLL_S = 0.1  # serve_forever's shutdown-check interval
+_POLL_S = 0.1  # serve_forever's shutdown-check interval; a stalled connection's too
+STALL_HOLD_S = 300.0
+"""How long a stalled download is held open at most (a test resets the board well before)."""
 
 
 class OtaHostError(RuntimeError):
@@ -91,6 +105,9 @@ class PublishedImage:
     """Clock time after which the URL answers 410."""
     plain_url: str | None = None
     """The same image over plain HTTP, when the host runs with ``plain_http=True``."""
+    fault: OtaFault | None = None
+    """``cut`` / ``stall``: every GET is cut short at file offset :attr:`fault_at`."""
+    fault_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,8 @@ class AccessRecord:
     sha256: str | None = None
     user_agent: str | None = None
     error: str | None = None
+    fault: OtaFault | None = None
+    """``cut`` / ``stall`` when this response was cut short on purpose (a delivery fault)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,21 @@ def parse_byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     if first >= size:
         raise RangeNotSatisfiable(f"bytes={first}-{last_s} starts at or past the end of a {size}-byte file")
     return first, min(last, size - 1)
+
+
+def _fault(cut_after: int | None, stall_after: int | None, size: int) -> tuple[OtaFault | None, int | None]:
+    if cut_after is not None and stall_after is not None:
+        raise ValueError("give at most one of cut_after and stall_after")
+    fault: OtaFault | None = "cut" if cut_after is not None else "stall" if stall_after is not None else None
+    at = cut_after if cut_after is not None else stall_after
+    if at is None:
+        return None, None
+    if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < size:
+        raise ValueError(
+            f"{fault}_after={at!r} is not a byte offset inside the {size}-byte image; "
+            f"give 0 ≤ N < {size} (the served image's size, after signing)"
+        )
+    return fault, at
 
 
 def _redact_path(path: str) -> str:
@@ -205,11 +239,18 @@ class _Server(ThreadingHTTPServer):
                 try:
                     sock.do_handshake()
                 except OSError as exc:  # ssl.SSLError included
-                    self.owner._record(AccessRecord(
-                        time=self.owner.clock.now(), client=f"{client_address[0]}:{client_address[1]}",
-                        scheme=self.scheme, tls_version=None, method="-", path="-", status=0,
-                        error=f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}",
-                    ))
+                    self.owner._record(
+                        AccessRecord(
+                            time=self.owner.clock.now(),
+                            client=f"{client_address[0]}:{client_address[1]}",
+                            scheme=self.scheme,
+                            tls_version=None,
+                            method="-",
+                            path="-",
+                            status=0,
+                            error=f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}",
+                        )
+                    )
                     return
             super().finish_request(request, client_address)
         finally:
@@ -259,9 +300,12 @@ class OtaImageHost:
         plain_http: bool = False,
         plain_http_port: int = 0,
         url_host: str | None = None,
+        stall_hold_s: float = STALL_HOLD_S,
     ):
         if url_lifetime_s <= 0:
             raise ValueError(f"url_lifetime_s must be positive, got {url_lifetime_s}")
+        if stall_hold_s <= 0:
+            raise ValueError(f"stall_hold_s must be positive, got {stall_hold_s}")
         self.state_dir = Path(state_dir)
         self.cert_path = Path(cert_path)
         self.key_path = Path(key_path)
@@ -272,12 +316,15 @@ class OtaImageHost:
         self.plain_http = plain_http
         self.plain_http_port = plain_http_port
         self.url_host = url_host or host
+        self.stall_hold_s = stall_hold_s
         self.access_log_path = self.state_dir / "ota-access.jsonl"
         self.published_log_path = self.state_dir / "ota-published.jsonl"
         self.images_dir = self.state_dir / "ota-images"
         self._entries: dict[str, _Entry] = {}
         self._records: list[AccessRecord] = []
+        self._record_tokens: list[str | None] = []  # the URL token of each record, never written out
         self._cond = threading.Condition()
+        self._stopping = threading.Event()
         self._log_lock = threading.Lock()
         self._servers: list[_Server] = []
         self._threads: dict[_Server, threading.Thread] = {}
@@ -300,6 +347,7 @@ class OtaImageHost:
         reason when the port is taken or the certificate cannot be loaded."""
         if self._servers:
             return
+        self._stopping.clear()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.images_dir.mkdir(parents=True, exist_ok=True)
         context = self._tls_context()
@@ -313,14 +361,17 @@ class OtaImageHost:
             self.stop()
             raise
         for server in self._servers:
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _POLL_S},
-                                      name=f"ota-host-{server.scheme}", daemon=True)
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": _POLL_S}, name=f"ota-host-{server.scheme}", daemon=True
+            )
             thread.start()
             self._threads[server] = thread
         log.info("OTA host serving on %s%s", self.url, f" and {self.plain_url}" if self.plain_http else "")
 
     def stop(self) -> None:
-        """Stop serving and cut open connections (their daemon threads then end). Idempotent."""
+        """Stop serving and cut open connections, stalled ones included (their daemon
+        threads then end). Idempotent."""
+        self._stopping.set()
         servers, self._servers = self._servers, []
         threads, self._threads = self._threads, {}
         for server in servers:
@@ -343,14 +394,35 @@ class OtaImageHost:
 
     # ------------------------------------------------------------------ publishing
 
-    def publish(self, job_id: str, node_id: str, image: bytes) -> PublishedImage:
+    def publish(
+        self,
+        job_id: str,
+        node_id: str,
+        image: bytes,
+        *,
+        scheme: Literal["https", "http"] = "https",
+        cut_after: int | None = None,
+        stall_after: int | None = None,
+    ) -> PublishedImage:
         """Serve *image* for *node_id*'s part of OTA job *job_id* at a fresh unguessable
-        URL that expires ``url_lifetime_s`` from now (by the host's clock)."""
+        URL that expires ``url_lifetime_s`` from now (by the host's clock).
+
+        *scheme* ``http`` makes ``url`` the plain-HTTP listener's (``plain_http=True``
+        only). *cut_after* / *stall_after* N (at most one, 0 ≤ N < image size) cut every
+        GET of this URL short at file offset N; see the module docstring."""
         if not job_id or not node_id:
             raise ValueError("publish needs a job id and a node id")
         if not image:
             raise ValueError("refusing to publish an empty image")
+        if scheme not in ("https", "http"):
+            raise ValueError(f"scheme must be https or http, got {scheme!r}")
+        fault, fault_at = _fault(cut_after, stall_after, len(image))
         https_base = self.url  # raises if not started
+        if scheme == "http" and not self.plain_http:
+            raise OtaHostError(
+                "cannot publish a plain-HTTP OTA URL: this OTA host runs without its plain-HTTP listener "
+                "(plain_http=False; the local stack starts it in test mode only)"
+            )
         sha256 = hashlib.sha256(image).hexdigest()
         path = self.images_dir / f"{sha256}.bin"
         if not path.is_file():
@@ -360,24 +432,45 @@ class OtaImageHost:
         token = secrets.token_urlsafe(32)
         name = (_NAME_CHARS.sub("-", job_id).strip(".-") or "image")[:60] + ".bin"
         suffix = f"/ota/{token}/{name}"
+        plain_url = self.plain_url + suffix if self.plain_http else None
         published = PublishedImage(
-            url=https_base + suffix,
+            url=plain_url if scheme == "http" and plain_url else https_base + suffix,
             file_size=len(image),
             sha256=sha256,
             md5=hashlib.md5(image, usedforsecurity=False).hexdigest(),
             job_id=job_id,
             node_id=node_id,
             expires_at=self.clock.now() + self.url_lifetime_s,
-            plain_url=self.plain_url + suffix if self.plain_http else None,
+            plain_url=plain_url,
+            fault=fault,
+            fault_at=fault_at,
         )
         with self._cond:
             self._entries[token] = _Entry(published, path, name)
-        self._append(self.published_log_path, {
-            "time": self.clock.now(), "job_id": job_id, "node_id": node_id, "url": _redact_path(suffix),
-            "file_size": published.file_size, "sha256": sha256, "expires_at": published.expires_at,
-        })
-        log.info("OTA job %s for node %s: %d bytes, sha256 %s, expires at %.0f",
-                 job_id, node_id, len(image), sha256, published.expires_at)
+        self._append(
+            self.published_log_path,
+            {
+                "time": self.clock.now(),
+                "job_id": job_id,
+                "node_id": node_id,
+                "url": _redact_path(suffix),
+                "file_size": published.file_size,
+                "sha256": sha256,
+                "expires_at": published.expires_at,
+                "scheme": scheme,
+                "fault": fault,
+                "fault_at": fault_at,
+            },
+        )
+        log.info(
+            "OTA job %s for node %s: %d bytes, sha256 %s, expires at %.0f%s",
+            job_id,
+            node_id,
+            len(image),
+            sha256,
+            published.expires_at,
+            f", {fault} after {fault_at} bytes" if fault else "",
+        )
         return published
 
     def revoke(self, url: str) -> bool:
@@ -392,6 +485,14 @@ class OtaImageHost:
         """Every request (and failed TLS handshake) so far, oldest first."""
         with self._cond:
             return list(self._records)
+
+    def requests_for(self, url: str) -> list[AccessRecord]:
+        """The logged requests for *url* (its token, on any listener of this host), oldest first."""
+        m = _PATH.match(urlsplit(url).path)
+        if m is None:
+            return []
+        with self._cond:
+            return [r for r, t in zip(self._records, self._record_tokens, strict=True) if t == m["token"]]
 
     def wait_for_access(self, predicate: Callable[[AccessRecord], bool], timeout: float) -> AccessRecord:
         """Block until a logged request satisfies *predicate*; TimeoutError names what
@@ -452,10 +553,11 @@ class OtaImageHost:
         with self._log_lock, open(path, "a", encoding="utf-8") as f:
             f.write(line)
 
-    def _record(self, record: AccessRecord) -> None:
+    def _record(self, record: AccessRecord, token: str | None = None) -> None:
         self._append(self.access_log_path, asdict(record))
         with self._cond:
             self._records.append(record)
+            self._record_tokens.append(token)
             self._cond.notify_all()
 
     def _serve(self, req: _Handler, *, head: bool) -> None:
@@ -464,33 +566,43 @@ class OtaImageHost:
         tls_version = sock.version() if isinstance(sock, ssl.SSLSocket) else None
         range_header = req.headers.get("Range")
         base = {
-            "time": self.clock.now(), "client": f"{req.client_address[0]}:{req.client_address[1]}",
-            "scheme": server.scheme, "tls_version": tls_version, "method": req.command,
-            "path": _redact_path(req.path), "range": range_header, "user_agent": req.headers.get("User-Agent"),
+            "time": self.clock.now(),
+            "client": f"{req.client_address[0]}:{req.client_address[1]}",
+            "scheme": server.scheme,
+            "tls_version": tls_version,
+            "method": req.command,
+            "path": _redact_path(req.path),
+            "range": range_header,
+            "user_agent": req.headers.get("User-Agent"),
         }
         m = _PATH.match(urlsplit(req.path).path)
+        token = m["token"] if m else None
         with self._cond:
-            entry = self._entries.get(m["token"]) if m else None
+            entry = self._entries.get(token) if token else None
         if entry is None or (m is not None and m["name"] != entry.name):
             self._reply(req, HTTPStatus.NOT_FOUND, b"no such image\n", head=head)
-            self._record(AccessRecord(**base, status=404))
+            self._record(AccessRecord(**base, status=404), token)
             return
         pub = entry.published
         ids = {"job_id": pub.job_id, "node_id": pub.node_id, "sha256": pub.sha256}
         if self.clock.now() >= pub.expires_at:
             self._reply(req, HTTPStatus.GONE, b"this OTA URL has expired\n", head=head)
-            self._record(AccessRecord(**base, **ids, status=410))
+            self._record(AccessRecord(**base, **ids, status=410), token)
             return
         size = pub.file_size
         try:
             wanted = parse_byte_range(range_header, size)
         except RangeNotSatisfiable as exc:
-            self._reply(req, HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"{exc}\n".encode(), head=head,
-                        extra={"Content-Range": f"bytes */{size}"})
-            self._record(AccessRecord(**base, **ids, status=416))
+            self._reply(
+                req, HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"{exc}\n".encode(), head=head, extra={"Content-Range": f"bytes */{size}"}
+            )
+            self._record(AccessRecord(**base, **ids, status=416), token)
             return
         first, last = wanted if wanted is not None else (0, size - 1)
         length = last - first + 1
+        # A delivery fault cuts the body at file offset fault_at; ranges ending before it are served whole.
+        fault = pub.fault if not head and pub.fault_at is not None and pub.fault_at <= last else None
+        to_send = max(0, pub.fault_at - first) if fault and pub.fault_at is not None else length
         status = HTTPStatus.PARTIAL_CONTENT if wanted is not None else HTTPStatus.OK
         req.send_response(status)
         req.send_header("Content-Type", "application/octet-stream")
@@ -507,8 +619,8 @@ class OtaImageHost:
             if not head:
                 with open(entry.path, "rb") as f:
                     f.seek(first)
-                    while sent < length:
-                        chunk = f.read(min(_CHUNK, length - sent))
+                    while sent < to_send:
+                        chunk = f.read(min(_CHUNK, to_send - sent))
                         if not chunk:
                             raise OSError(f"{entry.path} is shorter than published ({first + sent} of {size} bytes)")
                         req.wfile.write(chunk)
@@ -517,8 +629,37 @@ class OtaImageHost:
         except OSError as exc:  # the client went away mid-transfer (ssl.SSLError is an OSError)
             error = f"transfer ended after {sent} of {length} bytes: {exc}"
             req.close_connection = True
-        self._record(AccessRecord(**base, **ids, status=int(status), bytes_sent=sent,
-                                  complete=(sent == length and not head), error=error))
+            fault = None  # it ended before the fault point
+        if fault is not None:
+            req.close_connection = True  # cut: closed once this returns; stall: after the hold
+        record = AccessRecord(
+            **base, **ids, status=int(status), bytes_sent=sent, complete=(sent == length and not head), error=error, fault=fault
+        )
+        self._record(record, token)
+        if fault == "stall":
+            why = self._hold(sock)
+            log.info(
+                "stalled OTA download of job %s for node %s (%d of %d bytes sent) released: %s", pub.job_id, pub.node_id, sent, length, why
+            )
+
+    def _hold(self, sock: socket.socket) -> str:
+        """Keep a stalled connection open, sending nothing, until the client goes away, the
+        host stops or ``stall_hold_s`` passes; say which. Reads the raw socket, below TLS:
+        the connection is only ever closed afterwards, and stop() may shut it down meanwhile."""
+        deadline = time.monotonic() + self.stall_hold_s
+        while not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"held for stall_hold_s={self.stall_hold_s:g} s"
+            try:
+                readable, _, _ = select.select([sock], [], [], min(_POLL_S, remaining))
+                if readable and not socket.socket.recv(sock, _CHUNK, socket.MSG_DONTWAIT):
+                    return "the client closed the connection"
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError) as exc:  # reset by the client, or shut down by stop()
+                return f"the connection ended: {exc}"
+        return "the OTA host stopped"
 
     @staticmethod
     def _reply(req: _Handler, status: HTTPStatus, body: bytes, *, head: bool, extra: dict[str, str] | None = None) -> None:

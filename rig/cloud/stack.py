@@ -5,6 +5,11 @@ This is the one place that knows how the parts fit (DESIGN.md "Cloud"); `rig up`
 in a background process, the ``cloud`` session fixture runs it in-process. Every part is
 a real server on loopback; its files (logs, database, access log) stay in the stack's
 state folder as evidence.
+
+In test mode only, the stack also runs what the OTA delivery faults need
+(:mod:`rig.cloud.ota_delivery`): the OTA host's plain-HTTP listener, a second HTTPS
+image host whose certificate comes from a rogue CA (same names as the real host, wrong
+issuer), and the plan registry and delivery log behind ``/test/ota/*``.
 """
 
 from __future__ import annotations
@@ -18,21 +23,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
+from rig.cloud.adversaries import RogueServerCertificate, issue_unknown_ca_certificate
 from rig.cloud.api import create_app
 from rig.cloud.api_server import ApiServer
 from rig.cloud.broker import MosquittoBroker
 from rig.cloud.clock import Clock, ManualClock, SystemClock
+from rig.cloud.ota_delivery import DeliveryControl, HostLabel
 from rig.cloud.ota_host import OtaImageHost, PublishedImage
-from rig.cloud.pki import LabPki
-from rig.cloud.service import CloudMqtt
+from rig.cloud.pki import CertPair, LabPki
+from rig.cloud.service import CloudMqtt, OtaPublishError
 from rig.cloud.signer import CloudSigner
 from rig.cloud.store import CloudStore
-from rig.firmware.variants import ImageParts
+from rig.firmware.variants import signed_content
 from rig.lab import Lab
 
 log = logging.getLogger("rig.cloud")
 
 OTA_CERT_NAME = "ota-host"
+UNKNOWN_CA_DIR = "ota-unknown-ca"
 PINS_FILE = "hsm-pins.json"
 
 
@@ -92,23 +102,65 @@ class SigningOtaPublisher:
     """The cloud's OTA step: sign the uploaded image in the HSM with the key the node trusts
     (its reported ``info.secure_boot_digest``, "auto select key"), then serve it at a
     per-job URL. An already-signed upload is stripped to its content first, so the node
-    gets exactly one signature, the HSM's."""
+    gets exactly one signature, the HSM's.
 
-    def __init__(self, store: CloudStore, signer: CloudSigner, host: OtaImageHost):
+    With *delivery* (test mode) a plan armed for the node changes its next publish — served
+    unsigned as uploaded, over plain HTTP or from *unknown_ca_host*, cut or stalled — and
+    every publish is recorded in the delivery log. Without it nothing changes."""
+
+    def __init__(
+        self,
+        store: CloudStore,
+        signer: CloudSigner,
+        host: OtaImageHost,
+        *,
+        delivery: DeliveryControl | None = None,
+        unknown_ca_host: OtaImageHost | None = None,
+    ):
         self.store = store
         self.signer = signer
         self.host = host
+        self.delivery = delivery
+        self.unknown_ca_host = unknown_ca_host
 
     def publish(self, job_id: str, node_id: str, image: bytes) -> PublishedImage:
-        node = self.store.get_node(node_id)
-        reported = None
-        if node is not None and isinstance(node.config, dict):
-            reported = (node.config.get("info") or {}).get("secure_boot_digest")
-        parts = ImageParts.parse(image)
-        content = parts.content if parts.signed else image
-        signed = self.signer.sign_for_node(content, reported)
-        log.info("OTA job %s for %s signed with HSM key %s", job_id, node_id, signed.key_label)
-        return self.host.publish(job_id, node_id, signed.data)
+        plan = self.delivery.plans.take(node_id) if self.delivery is not None else None
+        if plan is not None:
+            log.warning("OTA job %s for %s: test delivery plan %s", job_id, node_id, plan)
+        signed_by: str | None = None
+        if plan is None or plan.sign:
+            node = self.store.get_node(node_id)
+            reported = None
+            if node is not None and isinstance(node.config, dict):
+                reported = (node.config.get("info") or {}).get("secure_boot_digest")
+            signed = self.signer.sign_for_node(signed_content(image), reported)
+            log.info("OTA job %s for %s signed with HSM key %s", job_id, node_id, signed.key_label)
+            data, signed_by = signed.data, signed.key_label
+        else:
+            data = image
+        transport = plan.transport if plan is not None else "https"
+        label: HostLabel = "unknown_ca" if transport == "unknown_ca" else "lab"
+        host = self.unknown_ca_host if label == "unknown_ca" else self.host
+        if host is None:
+            raise OtaPublishError("the unknown_ca OTA transport needs the unknown-CA image host, which the stack runs in test mode only")
+        mark = len(host.access_log()) if self.delivery is not None else 0  # where this publish's evidence starts
+        published = host.publish(
+            job_id,
+            node_id,
+            data,
+            scheme="http" if transport == "http" else "https",
+            cut_after=plan.cut_after if plan is not None else None,
+            stall_after=plan.stall_after if plan is not None else None,
+        )
+        if self.delivery is not None:
+            self.delivery.log.record(published, label, host, signed_by, mark)
+        return published
+
+
+def _san_hosts(pair: CertPair) -> list[str]:
+    """The DNS names and IP addresses a server certificate is valid for."""
+    san = pair.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name.value) for name in san if isinstance(name, x509.DNSName | x509.IPAddress)]
 
 
 class LocalStack:
@@ -134,6 +186,11 @@ class LocalStack:
         self.store: CloudStore | None = None
         self.signer: CloudSigner | None = None
         self.ota_host: OtaImageHost | None = None
+        self.unknown_ca_host: OtaImageHost | None = None
+        """Test mode: the second HTTPS image host, with a certificate from a rogue CA."""
+        self.unknown_ca_cert: RogueServerCertificate | None = None
+        self.delivery: DeliveryControl | None = None
+        """Test mode: OTA delivery plans and the delivery log (``/test/ota/*``)."""
         self.mqtt: CloudMqtt | None = None
         self.api: ApiServer | None = None
 
@@ -157,14 +214,31 @@ class LocalStack:
             self.signer.setup()
             ota_cert = self.pki.server_cert(OTA_CERT_NAME)
             self.ota_host = OtaImageHost(
-                self.state_dir / "ota", ota_cert.cert_path, ota_cert.key_path, self.clock, host=self.host, port=self.ports.ota
+                self.state_dir / "ota",
+                ota_cert.cert_path,
+                ota_cert.key_path,
+                self.clock,
+                host=self.host,
+                port=self.ports.ota,
+                plain_http=self.test_mode,
             )
             self.ota_host.start()
-            publisher = SigningOtaPublisher(self.store, self.signer, self.ota_host)
+            if self.test_mode:
+                self._start_delivery_faults(ota_cert)
+            publisher = SigningOtaPublisher(
+                self.store, self.signer, self.ota_host, delivery=self.delivery, unknown_ca_host=self.unknown_ca_host
+            )
             self.mqtt = CloudMqtt(self.store, self.clock, pki=self.pki, host=self.host, port=self.broker.port, ota=publisher)
             self.mqtt.start()
             app = create_app(
-                self.store, self.clock, self.mqtt, publisher, self.test_mode, mqtt_host=self.host, mqtt_port=self.broker.port
+                self.store,
+                self.clock,
+                self.mqtt,
+                publisher,
+                self.test_mode,
+                mqtt_host=self.host,
+                mqtt_port=self.broker.port,
+                ota_delivery=self.delivery,
             )
             self.api = ApiServer(app, self.pki, host=self.host, port=self.ports.api)
             self.api.start()
@@ -172,6 +246,19 @@ class LocalStack:
             self.stop()
             raise
         return self.endpoints
+
+    def _start_delivery_faults(self, ota_cert: CertPair) -> None:
+        """Test mode: the unknown-CA image host (a fresh rogue CA each start, the real host's
+        subject and SANs) and the delivery controls."""
+        state = self.state_dir / UNKNOWN_CA_DIR
+        self.unknown_ca_cert = issue_unknown_ca_certificate(
+            self.pki.ca_cert_path, state / "cert", _san_hosts(ota_cert), subject=ota_cert.certificate.subject
+        )
+        self.unknown_ca_host = OtaImageHost(
+            state, self.unknown_ca_cert.cert_path, self.unknown_ca_cert.key_path, self.clock, host=self.host
+        )
+        self.unknown_ca_host.start()
+        self.delivery = DeliveryControl.create()
 
     @property
     def endpoints(self) -> StackEndpoints:
@@ -194,7 +281,7 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop what was started, newest first; one part failing to stop does not keep the rest running."""
-        for name in ("api", "mqtt", "ota_host", "broker"):
+        for name in ("api", "mqtt", "unknown_ca_host", "ota_host", "broker"):
             part = getattr(self, name)
             if part is None:
                 continue

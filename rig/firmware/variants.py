@@ -93,6 +93,7 @@ __all__ = [
     "project_name",
     "same_version",
     "secure_version",
+    "signed_content",
     "truncated",
     "unsigned",
     "untrusted_signature",
@@ -185,6 +186,18 @@ def _sign(content: bytes, signer: SignerLike, what: str) -> bytes:
             "use a signer that behaves like `espsecure sign-data --version 2` (KeyFileSigner, HsmSigner)",
         )
     return signed
+
+
+def signed_content(data: bytes | bytearray | memoryview) -> bytes:
+    """What a Secure Boot V2 signature over *data* covers, i.e. what a signer signs: a signed
+    image without its signature sector; anything else as it is — an unsigned image, or bytes
+    that are no well-formed app image at all (a truncated upload), which ``espsecure sign-data``
+    signs all the same and a device must then refuse."""
+    buf = bytes(data)
+    try:
+        return ImageParts.parse(buf).content
+    except FirmwareFormatError:
+        return buf
 
 
 # --------------------------------------------------------------------------- taking the input apart
