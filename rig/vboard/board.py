@@ -42,12 +42,12 @@ from pathlib import Path
 
 from rig.boards.virtual_ports import address_file, board_state_dir, check_virtual_address, default_board_address, port_file, radio_file
 from rig.vboard import slip
-from rig.vboard.app import AppMain, run_app
+from rig.vboard.app import AppContext, AppExit, AppMain, run_app
 from rig.vboard.bootloader import BootOutcome, run_bootloader
 from rig.vboard.console import LogLevel, format_log_line
 from rig.vboard.efuse import EfuseController
 from rig.vboard.flash import FlashStorage
-from rig.vboard.node import NodePlatform, RainMakerFirmware
+from rig.vboard.node import NodePlatform, RainMakerFirmware, delay_trace
 from rig.vboard.rfc2217_server import Rfc2217Server
 from rig.vboard.rom import DownloadMode, Leave, known_stubs
 
@@ -160,6 +160,8 @@ class VirtualUart:
         self.autobaud = False
         self.dropped_rx = 0
         self.dropped_tx = 0
+        self.trace_name = ""
+        """The board's name in :mod:`~rig.vboard.node.delay_trace` records."""
 
     # -- host side
 
@@ -235,7 +237,12 @@ class VirtualUart:
         if sink is not None:
             sink(data)
         if wait > 0 and stopping is not None:
-            stopping.wait(wait)
+            if delay_trace.SINK is None:
+                stopping.wait(wait)
+                return
+            start = time.monotonic()
+            cut = stopping.wait(wait)
+            delay_trace.record(self.trace_name, "uart_tx_pacing", "uart", start, wait, time.monotonic() - start, cut)
 
     def read(self, stopping: threading.Event, timeout: float | None = None) -> bytes:
         """Everything the host sent so far, waiting for at least one byte (or stop/timeout)."""
@@ -250,11 +257,12 @@ class VirtualUart:
             self._rx.clear()
             return data
 
-    def read_line(self, stopping: threading.Event, timeout: float) -> str | None:
-        """One line typed at the console (CR, LF or CRLF ends it), or None on timeout/stop."""
+    def read_line(self, stopping: threading.Event, timeout: float, interrupt: threading.Event | None = None) -> str | None:
+        """One line typed at the console (CR, LF or CRLF ends it), or None on timeout/stop, or
+        once *interrupt* is set (and :meth:`wake` called)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not stopping.is_set():
+            while not stopping.is_set() and not (interrupt is not None and interrupt.is_set()):
                 if self._skip_lf and self._rx[:1] == b"\n":
                     del self._rx[:1]
                     self._skip_lf = False
@@ -279,6 +287,7 @@ class UartConsole:
         self._uart = uart
         self._stopping = stopping
         self._started = started
+        self._interrupted = threading.Event()
 
     @property
     def stopping(self) -> threading.Event:
@@ -292,7 +301,13 @@ class UartConsole:
         self._uart.transmit(data, self._stopping)
 
     def read_line(self, timeout: float) -> str | None:
-        return self._uart.read_line(self._stopping, timeout)
+        return self._uart.read_line(self._stopping, timeout, self._interrupted)
+
+    def interrupt(self) -> None:
+        """The app is ending: a pending :meth:`read_line` returns None now, and every later one at
+        once, so the console task sees the restart without waiting out its poll (``CONSOLE_POLL_S``)."""
+        self._interrupted.set()
+        self._uart.wake()
 
     def uptime_ms(self) -> int:
         return int((time.monotonic() - self._started) * 1000)
@@ -329,9 +344,23 @@ class IdfFirmware:
         if outcome.halted:
             reset = outcome.reset
             return reset_reason_for(reset.code) if reset is not None else ResetReason.RTC_SW_SYS_RST
-        ended = run_app(outcome, board.flash, board.efuse, console, app_main=self.app_main)
+        ended = run_app(outcome, board.flash, board.efuse, console, app_main=self._app_main_for(console))
         reset = ended.rom_reset
         return None if reset is None else reset_reason_for(reset.code)
+
+    def _app_main_for(self, console: UartConsole) -> AppMain | None:
+        """:attr:`app_main`, with the console's read ended as soon as the app is asked to end
+        (``esp_restart`` from a timer, a panic in a task): the console task returns the restart
+        at once instead of at its next poll, as a chip restarts the moment it is asked to."""
+        app_main = self.app_main
+        if app_main is None:
+            return None
+
+        def main(ctx: AppContext) -> AppExit | None:
+            ctx.add_exit_hook(lambda _ended: console.interrupt())
+            return app_main(ctx)
+
+        return main
 
 
 # --------------------------------------------------------------------------- the board
@@ -376,6 +405,7 @@ class VirtualBoard:
         self.flash = FlashStorage(self.paths.flash)
         self.efuse = EfuseController.open(self.paths.efuse, self.mac)
         self.uart = VirtualUart()
+        self.uart.trace_name = name
         if firmware is None:
             platform = NodePlatform(name, self.address, self.mac, radio_file(self.state_dir))
             firmware = IdfFirmware(app_main=RainMakerFirmware(platform))
@@ -507,7 +537,11 @@ class VirtualBoard:
                 stopping = threading.Event()
                 self._stopping = stopping
             if reason is ResetReason.POWERON:
+                settle_from = time.monotonic()
                 sampled = self._settle_strap(stopping)
+                if delay_trace.SINK is not None:
+                    delay_trace.record(self.name, "strap_settle", "board", settle_from, STRAP_SETTLE_S, time.monotonic() - settle_from,
+                                       sampled is not BootMode.SPI_FAST_FLASH_BOOT)  # fmt: skip
                 if sampled is None:
                     continue
                 mode = sampled
@@ -600,7 +634,11 @@ class VirtualBoard:
         if header[0] != 0xE9:
             while not stopping.is_set():
                 self._rom_print(stopping, f"invalid header: 0x{magic:08x}")
-                stopping.wait(INVALID_HEADER_RETRY_S)
+                start = time.monotonic()
+                cut = stopping.wait(INVALID_HEADER_RETRY_S)
+                if delay_trace.SINK is not None:
+                    delay_trace.record(self.name, "rom_invalid_header_retry", "board", start, INVALID_HEADER_RETRY_S,
+                                       time.monotonic() - start, cut)  # fmt: skip
             return False
         count, spi_mode, speed_size, entry, wp_pin = struct.unpack_from("<BBBIB", header, 1)
         lines = [

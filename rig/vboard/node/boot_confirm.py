@@ -5,7 +5,7 @@ esp-rainmaker ``src/ota/esp_rmaker_ota.c`` ``esp_rmaker_ota_manage_rollback``,
 at every boot the running image's otadata state is logged (``OTA state = N``). On the
 first boot after an OTA it is ``PENDING_VERIFY``; RainMaker marks it valid
 (``esp_ota_mark_app_valid_cancel_rollback``, which with anti-rollback also raises the eFuse
-``SECURE_VERSION``) only after MQTT connects, erases the NVS ``ota_update`` flag and reports
+``SECURE_VERSION``, and stops the rollback timer) only after MQTT connects, erases the NVS ``ota_update`` flag and reports
 ``success`` ``OTA Upgrade finished and verified successfully`` for the job kept in NVS; if
 MQTT does not connect within ``CONFIG_ESP_RMAKER_OTA_ROLLBACK_WAIT_PERIOD`` — here the
 image's ``rollback_wait_s`` (behaviour manifest, short for virtual firmware) — it calls
@@ -28,7 +28,7 @@ from rig.firmware.otadata import OtaState
 from rig.vboard.app import AppContext, OtaOpsError, mark_app_invalid_and_reboot, mark_app_valid, running_app_ota_state
 from rig.vboard.node.messages import NodeMsg
 from rig.vboard.node.ota_status import OtaReporter, OtaStatus
-from rig.vboard.node.runtime import NodeRuntime
+from rig.vboard.node.runtime import NodeRuntime, Timer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class BootConfirmation:
         self.rolled_back = False
         """This boot runs the old firmware after a rollback; reported on the first connection."""
         self._report_success = False
+        self._rollback_timer: Timer | None = None
 
     @property
     def awaiting(self) -> bool:
@@ -84,7 +85,7 @@ class BootConfirmation:
         if self.confirm_at_boot:
             self._confirm()
             return
-        self.runtime.after(self.wait_s, "ota_rollback_tm", self._expired)
+        self._rollback_timer = self.runtime.after(self.wait_s, "ota_rollback_tm", self._expired)
 
     def mqtt_connected(self) -> None:
         """Report a rollback (once), or confirm a pending image (once) and report it."""
@@ -107,6 +108,9 @@ class BootConfirmation:
             if not self.pending or self.confirmed:
                 return False
             self.confirmed = True
+            timer, self._rollback_timer = self._rollback_timer, None
+        if timer is not None:
+            timer.cancel()  # esp_rmaker_ota_mark_valid stops and deletes the rollback timer
         try:
             mark_app_valid(self.ctx.boot, self.ctx.flash, self.ctx.efuse, self.ctx.console, self.ctx.config)
         except OtaOpsError as exc:

@@ -76,7 +76,6 @@ PPI_SKU, PPI_NAME, PPI_VERSION = "EX00", "RMDev", "1x0"
 """``CONFIG_ESP_RMAKER_MQTT_PRODUCT_SKU`` / ``_NAME`` / ``_VERSION`` defaults."""
 
 
-
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """Seconds before reconnection attempt *attempt* (0-based): exponential, with jitter."""
     ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * (2 ** min(attempt, 16)))
@@ -159,12 +158,14 @@ class _Refused(Exception):
 
 def _tcp_failure(error: OSError) -> _Refused:
     reason = os.strerror(error.errno) if error.errno else str(error)
-    return _Refused([
-        (NodeMsg.TLS_DELAYED_CONNECT, {"fd": LWIP_FIRST_FD, "error": reason}),
-        (NodeMsg.TLS_OPEN_FAILED, {}),
-        (NodeMsg.TRANSPORT_OPEN_FAILED, {"code": TLS_CONNECT_FAILED}),
-        (NodeMsg.MQTT_TRANSPORT_ERROR, {}),
-    ])
+    return _Refused(
+        [
+            (NodeMsg.TLS_DELAYED_CONNECT, {"fd": LWIP_FIRST_FD, "error": reason}),
+            (NodeMsg.TLS_OPEN_FAILED, {}),
+            (NodeMsg.TRANSPORT_OPEN_FAILED, {"code": TLS_CONNECT_FAILED}),
+            (NodeMsg.MQTT_TRANSPORT_ERROR, {}),
+        ]
+    )
 
 
 def _tls_failure(error: ssl.SSLError) -> _Refused:
@@ -242,7 +243,7 @@ class CloudLink:
                 self._report_disconnect()
                 delay = STORM_DELAY_S if self.settings.no_reconnect_backoff else backoff_delay(failures, self._rng)
                 failures += 1
-                if not self.runtime.sleep(delay):
+                if not self.runtime.sleep(delay, "mqtt_reconnect_backoff"):
                     return
                 continue
             failures = 0
@@ -251,7 +252,7 @@ class CloudLink:
                 return
             self._report_disconnect()
             delay = STORM_DELAY_S if self.settings.no_reconnect_backoff else backoff_delay(0, self._rng)
-            if not self.runtime.sleep(delay):
+            if not self.runtime.sleep(delay, "mqtt_reconnect_backoff"):
                 return
 
     def _report_disconnect(self) -> None:

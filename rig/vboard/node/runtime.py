@@ -5,8 +5,13 @@ lwIP sockets. The emulated node runs its tasks as Python threads, so :class:`Nod
 keeps the list: :meth:`spawn` starts a task, :meth:`after` a one-shot timer, :meth:`track`
 registers a socket (or anything closable) to be closed. :meth:`halt` — called from the
 app's exit hook (``AppContext.add_exit_hook``), on whichever thread asked for the reset —
-sets :attr:`halted` and closes every tracked socket at once (a blocked ``recv`` or
-``accept`` returns), then :meth:`join` on the chip's thread waits for the tasks.
+sets :attr:`halted`, ends every pending timer and closes every tracked socket at once (a
+blocked ``recv`` or ``accept`` returns), then :meth:`join` on the chip's thread waits for
+the tasks. A timer that became moot is cancelled (:meth:`Timer.cancel`, ``esp_timer_stop``)
+rather than left to run out.
+
+:meth:`sleep` and :meth:`after` are the firmware's fixed delays; each is recorded by
+:mod:`.delay_trace` when the board process traces them (``bench/ota_cycle.py``).
 
 After :meth:`halt` nothing reaches the UART: a reset silences the chip at once, and the
 next boot's ROM banner must not be interleaved with the last boot's log lines.
@@ -24,6 +29,7 @@ from typing import Protocol
 
 from rig.vboard.bootloader import LogMessage
 from rig.vboard.console import BoardConsole
+from rig.vboard.node import delay_trace
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,18 @@ JOIN_TIMEOUT_S = 5.0
 
 class Closable(Protocol):
     def close(self) -> None: ...
+
+
+class Timer:
+    """A pending one-shot ``esp_timer`` (:meth:`NodeRuntime.after`)."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        """Set when the timer must end before its time: cancelled, or the chip halted."""
+
+    def cancel(self) -> None:
+        """``esp_timer_stop``: the callback will not run; the timer's task ends now."""
+        self.wake.set()
 
 
 class NodeRuntime:
@@ -45,6 +63,7 @@ class NodeRuntime:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closables: list[Closable] = []
+        self._timers: set[Timer] = set()
 
     # ------------------------------------------------------------------ output
 
@@ -78,18 +97,39 @@ class NodeRuntime:
         thread.start()
         return thread
 
-    def after(self, delay_s: float, name: str, callback: Callable[[], None]) -> threading.Thread | None:
-        """A one-shot ``esp_timer``: *callback* after *delay_s* unless the chip halts first."""
+    def after(self, delay_s: float, name: str, callback: Callable[[], None]) -> Timer | None:
+        """A one-shot ``esp_timer`` named *name*: *callback* after *delay_s* unless the timer is
+        cancelled or the chip halts first; None when the chip is already halting."""
+        timer = Timer()
+        with self._lock:
+            if self.halted.is_set():
+                return None
+            self._timers.add(timer)
 
-        def timer() -> None:
-            if not self.halted.wait(delay_s):
+        def run() -> None:
+            start = time.monotonic() if delay_trace.SINK is not None else 0.0
+            ended_early = timer.wake.wait(delay_s)
+            with self._lock:
+                self._timers.discard(timer)
+            if delay_trace.SINK is not None:
+                delay_trace.record(self.board, name, "timer", start, delay_s, time.monotonic() - start, ended_early)
+            if not ended_early and not self.halted.is_set():
                 callback()
 
-        return self.spawn(name, timer)
+        if self.spawn(name, run) is None:
+            with self._lock:
+                self._timers.discard(timer)
+            return None
+        return timer
 
-    def sleep(self, seconds: float) -> bool:
-        """Wait *seconds* (a task's ``vTaskDelay``); False when the chip halted meanwhile."""
-        return not self.halted.wait(seconds)
+    def sleep(self, seconds: float, name: str = "vTaskDelay") -> bool:
+        """Wait *seconds* (a task's ``vTaskDelay``, *name* saying which); False when the chip halted meanwhile."""
+        if delay_trace.SINK is None:
+            return not self.halted.wait(seconds)
+        start = time.monotonic()
+        halted = self.halted.wait(seconds)
+        delay_trace.record(self.board, name, "sleep", start, seconds, time.monotonic() - start, halted)
+        return not halted
 
     # ------------------------------------------------------------------ sockets
 
@@ -124,10 +164,13 @@ class NodeRuntime:
     # ------------------------------------------------------------------ reset
 
     def halt(self) -> None:
-        """The chip resets: stop output, wake every task, close every socket. Never blocks."""
+        """The chip resets: stop output, wake every task and timer, close every socket. Never blocks."""
         with self._lock:
             self.halted.set()
             closables, self._closables = self._closables, []
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.wake.set()
         for item in closables:
             _close(item)
 

@@ -174,7 +174,7 @@ class WifiStation:
         return self.status().state is WifiStationState.Connected
 
     def _join(self, config: StationConfig, attempt: int) -> None:
-        if not self.runtime.sleep(ASSOCIATION_S):
+        if not self.runtime.sleep(ASSOCIATION_S, "wifi_association"):
             return
         outcome = self._outcome(config)
         with self._lock:
