@@ -11,4 +11,7 @@ pytest_plugins = [
     "fixtures.firmware",
     "fixtures.cloud",
     "fixtures.node",
+    "fixtures.evidence",
+    "fixtures.ota",
+    "fixtures.anti_rollback",
 ]

@@ -44,6 +44,11 @@ class RunDirectory:
     def pcaps(self) -> Path:
         return self.root / "pcaps"
 
+    @property
+    def evidence(self) -> Path:
+        """Per-test artefacts (``evidence/<test id>/<name>``), beside their allure attachments."""
+        return self.root / "evidence"
+
     def board_log(self, board: str) -> Path:
         return self.logs / f"{board}.log"
 

@@ -25,7 +25,7 @@ def test_board_answers_as_the_declared_chip(board: Board) -> None:
     assert re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac)
 
 
-@pytest.mark.usefixtures("board")
+@pytest.mark.usefixtures("board", "factory_new")
 def test_base_firmware_boots(dut: Any, firmware_set: FirmwareSet) -> None:
     desc = firmware_set.app_desc("base")
     dut.expect_exact(f"Project name:     {desc.project_name}", timeout=60)

@@ -24,6 +24,13 @@ from rig.firmware.secure_boot_v2 import parse_signature_sector, split_signed_ima
 from rig.targets import target_for
 
 
+@pytest.fixture
+def firmware_set(supplied_firmware_set: FirmwareSet) -> FirmwareSet:
+    """This suite judges the set as boards.yaml supplies it, not as lifted to a board's
+    burned SECURE_VERSION (fixtures/firmware.py)."""
+    return supplied_firmware_set
+
+
 def attach_json(name: str, data: object) -> None:
     allure.attach(json.dumps(data, indent=2, default=str), name=name, attachment_type=allure.attachment_type.JSON)
 

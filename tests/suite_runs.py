@@ -31,13 +31,15 @@ def suite_tests(suite: str) -> list[str]:
     return re.findall(r"^def (test_\w+)\(", (REPO / suite).read_text(), re.MULTILINE)
 
 
-def virtual_lab(path: Path, lab: str, boards: Mapping[str, Path]) -> Path:
+def virtual_lab(path: Path, lab: str, boards: Mapping[str, Path], sacrificial: Iterable[str] = ()) -> Path:
     """Write *path*: lab *lab*, the local stack, one Wi-Fi network, and a virtual board per
-    *boards* entry (name → firmware set folder)."""
+    *boards* entry (name → firmware set folder); boards named in *sacrificial* may burn eFuses."""
+    spend = set(sacrificial)
     path.write_text(
         f"lab: {lab}\nstack: {{kind: local}}\n"
         "wifi:\n  - ssid: meta-lab\n    passphrase: meta-lab-passphrase\n"
-        "boards:\n" + "".join(f"  - name: {name}\n    kind: virtual\n    firmware: {fw}\n" for name, fw in boards.items())
+        "boards:\n" + "".join(f"  - name: {name}\n    kind: virtual\n    firmware: {fw}\n"
+                  + ("    efuse: {sacrificial: true}\n" if name in spend else "") for name, fw in boards.items())
     )
     return path
 

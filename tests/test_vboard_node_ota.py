@@ -38,6 +38,7 @@ from rig.firmware.otadata import OtaDataPartition, OtaState
 from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.variants import unsigned
 from rig.firmware.virtual_set import PROJECT_NAME, SDKCONFIG, VIRTUAL_ROLES, virtual_app_image, virtual_bootloader_image
+from rig.prov.polling import poll_until
 from rig.targets import ESP32C3
 from tests import node_process
 from tests.node_process import BOOT_S, FCTRY_AT, STEP_S, Node, Owner, cloud_fctry, flash_files, read_flash, running_node
@@ -156,9 +157,15 @@ def unsigned_job(stack: LocalStack, owner: Owner, node: Node, image: bytes) -> s
     return job_id
 
 
-def job_state(owner: Owner, job_id: str) -> tuple[str, str]:
-    (node,) = owner.client.get("/v1/user/otajob", params={"ota_job_id": job_id}).json()["nodes"]
-    return node["status"], node["additional_info"]
+def job_state(owner: Owner, job_id: str, expected: tuple[str, str] | None = None) -> tuple[str, str]:
+    """The job's (status, additional_info) for the node; with *expected*, once it is that (or the
+    last seen after a while): the cloud handles ``otastatus`` reports after the console printed them."""
+
+    def fetch() -> tuple[str, str]:
+        (node,) = owner.client.get("/v1/user/otajob", params={"ota_job_id": job_id}).json()["nodes"]
+        return node["status"], node["additional_info"]
+
+    return poll_until(fetch, lambda state: expected is None or state == expected, STEP_S, 0.2)
 
 
 def wait_status(stack: LocalStack, node: Node, job_id: str, status: str, timeout: float = OTA_S) -> None:
@@ -197,7 +204,8 @@ def test_same_version_is_rejected_and_nothing_is_written(secure: Node, stack: Lo
     mon.expect(reporting("rejected", "Same version received"), STEP_S)
     assert "esp_rmaker_ota: Current running version is same as the new. We will not continue the update." in mon.text
     assert "Downloading Firmware Image" not in mon.text
-    assert job_state(owner, job) == ("rejected", "Same version received")
+    expected = ("rejected", "Same version received")
+    assert job_state(owner, job, expected) == expected
     selected = otadata(secure, tmp_path)
     assert [(e.ota_seq, e.state) for e in selected.entries if not e.is_blank] == [(1, OtaState.VALID)]
     assert read_flash(secure.board, OTA_1, 0x1000, tmp_path / "ota1.bin") == b"\xff" * 0x1000  # not even erased
@@ -219,7 +227,8 @@ def test_signed_next_installs_boots_from_ota_1_and_is_confirmed(secure: Node, st
     for info in ("Starting OTA Upgrade (HTTPS attempt 1/3)", "Downloading Firmware Image", "Firmware Image download complete"):
         assert f"Reporting in-progress: {info}" in text
     assert "secure_boot_v2: Signature verified successfully!" in text and "esp_rmaker_ota: First Boot after an OTA" in text
-    assert job_state(owner, job) == ("success", "OTA Upgrade finished and verified successfully")
+    expected = ("success", "OTA Upgrade finished and verified successfully")
+    assert job_state(owner, job, expected) == expected
     selected = otadata(secure, tmp_path)
     active = selected.active_entry()
     assert active is not None and selected.boot_slot(2) == 1 and active.state is OtaState.VALID
@@ -236,7 +245,8 @@ def test_unsigned_image_fails_and_the_running_app_stays(secure: Node, stack: Loc
     wait_status(stack, secure, job, "failed")
     assert mon.text.count("Reporting failed: OTA Attempt") == 3 and "rst:" not in mon.text
     assert "esp_ota_ops: New image failed verification" in mon.text
-    assert job_state(owner, job) == ("failed", "OTA Attempt 3/3 failed: Image validation failed")
+    expected = ("failed", "OTA Attempt 3/3 failed: Image validation failed")
+    assert job_state(owner, job, expected) == expected
     selected = otadata(secure, tmp_path)
     assert selected.boot_slot(2) == 1 and selected.active_entry().state is OtaState.VALID  # type: ignore[union-attr]
 

@@ -166,6 +166,24 @@ class Board:
             except (OSError, json.JSONDecodeError) as exc:
                 raise BoardError(f"board '{self.name}': espefuse summary wrote no readable JSON ({exc})") from exc
 
+    def secure_version(self, summary: dict[str, Any] | None = None) -> int:
+        """The anti-rollback version burned in eFuse: ``SECURE_VERSION`` (from *summary* or a fresh
+        :meth:`efuse_summary`) is a thermometer code, so the count of its set bits (ESP-IDF
+        ``esp_efuse_read_secure_version``)."""
+        return secure_version_of(summary if summary is not None else self.efuse_summary(), self.name)
+
     def security_info(self) -> str:
         """``esptool get-security-info`` output (flags, key purposes, crypt count, chip id)."""
         return self.esptool("get-security-info").output
+
+
+def secure_version_of(summary: dict[str, Any], board: str) -> int:
+    """:meth:`Board.secure_version` of an ``espefuse summary --format json`` dict."""
+    field = summary.get("SECURE_VERSION")
+    value = field.get("value") if isinstance(field, dict) else None
+    try:
+        bits = int(value, 0) if isinstance(value, str) else int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise BoardError(f"board '{board}': espefuse summary has no readable SECURE_VERSION ({value!r}); "
+                         "Fix: check the chip in boards.yaml supports anti-rollback") from None
+    return bin(bits).count("1")

@@ -238,13 +238,15 @@ def build_virtual_set(dest: Path, signing_key: SetSignerLike) -> FirmwareSet:
     return FirmwareSet.load(dest)
 
 
-def ensure_virtual_set(dest: Path, signing_key: SetSignerLike) -> FirmwareSet:
+def ensure_virtual_set(dest: Path, signing_key: SetSignerLike, *, same_key: bool = False) -> FirmwareSet:
     """The virtual set at *dest*, generated first (a key file path is generated first when it
     does not exist) if missing or made by an older generator. A current set is kept whatever
     key signed it — one a lab built with ``--hsm`` stays; :func:`set_key_digest` says which
-    key that was. Safe across processes."""
+    key that was — unless *same_key* asks for a set signed by *signing_key* (a :class:`SetSigner`)
+    and it was signed by another. Safe across processes."""
     with _locked(dest):
-        if _current(dest):
+        if _current(dest) and not (same_key and isinstance(signing_key, SetSigner)
+                                   and set_key_digest(dest) != signing_key.key_digest):  # fmt: skip
             return FirmwareSet.load(dest)
         if not isinstance(signing_key, SetSigner):
             signing_key = SetSigner.key_file(ensure_signing_key(Path(signing_key)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,3 +166,28 @@ class RainMakerUser:
         entry = next((e for e in body.get("node_sharing", []) if e.get("node_id") == node_id), {"users": {}})
         users = entry.get("users", {})
         return list(users.get("primary", [])), list(users.get("secondary", []))
+
+    # ------------------------------------------------------------------ OTA (rainmaker-protocol.md §1.5, §3)
+
+    def upload_ota_image(self, name: str, image: bytes) -> dict[str, Any]:
+        """``POST v1/user/otaimage`` ``{"image_name", "base64_fwimage"}`` (esp-rainmaker-cli
+        ``rmaker_lib/service.py``); returns the cloud's record (``ota_image_id``, ``fw_version``,
+        ``file_sha256`` …)."""
+        return dict(self._call("POST", "/v1/user/otaimage",
+                               json={"image_name": name, "base64_fwimage": base64.b64encode(image).decode()}))  # fmt: skip
+
+    def create_ota_job(self, image_id: str, node_id: str, name: str | None = None) -> str:
+        """``POST v1/user/otajob`` for one node (the cloud signs, publishes and sends ``otaurl``
+        at once); returns the job id."""
+        body = {"ota_image_id": image_id, "node_id": node_id, "ota_job_name": name or f"rig-{uuid.uuid4().hex[:8]}"}
+        return str(self._call("POST", "/v1/user/otajob", json=body)["ota_job_id"])
+
+    def ota_status(self, node_id: str, job_id: str) -> dict[str, Any]:
+        """``GET v1/user/nodes/ota_status``: the job's status for the node, ``additional_info`` and
+        the history of every ``otastatus`` the node reported."""
+        return dict(self._call("GET", "/v1/user/nodes/ota_status", params={"node_id": node_id, "ota_job_id": job_id}))
+
+    def wait_ota_status(self, node_id: str, job_id: str, done: Callable[[dict[str, Any]], bool],
+                        timeout: float) -> dict[str, Any]:  # fmt: skip
+        """Poll :meth:`ota_status` until *done* accepts it; returns the last status seen either way."""
+        return poll_until(lambda: self.ota_status(node_id, job_id), done, timeout, CLOUD_POLL_S)

@@ -1,0 +1,79 @@
+"""The OTA suites catch the virtual board's OTA flaws, and pass on a clean board.
+
+One lab of virtual boards, each with a full firmware set signed by the lab HSM's default key
+(the key the lab's cloud signs OTA images with), and one pytest run of the suites as `rig run`
+runs them. A flaw lives in the role that is *running* when the check happens: the update
+client's flaws in ``base`` (or in ``next_secure`` for the anti-rollback check, which runs
+after ``next_secure`` installed), ``confirms_before_cloud`` in the ``no_cloud`` image that
+must roll back. The clean board runs the same tests and must pass them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rig.cloud.stack import LocalStack
+from rig.firmware.flawed_set import write_flawed_build
+from rig.firmware.virtual_set import SetSigner, build_virtual_set
+from rig.lab import load_lab
+from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_tests, virtual_lab
+
+OTA, ANTI_ROLLBACK = "suites/test_ota.py", "suites/test_anti_rollback.py"
+CLEAN_BOARD = "ota-clean"
+
+# flaw → (board, role that carries it, suite, test id without the board, a fragment of its failure message)
+CAUGHT_BY = {
+    "accepts_unsigned_ota": ("ota-unsigned", "base", OTA, "test_bad_image_is_never_booted[OTAE2EUnsignedImage",
+                             "instead of refusing the image"),
+    "accepts_http_ota": ("ota-http", "base", OTA, "test_plain_http_url_is_refused[esp_https_ota_plain_http",
+                         "instead of refusing the image"),
+    "ignores_secure_version": ("ota-ignoresv", "next_secure", ANTI_ROLLBACK,
+                               "test_secure_version_is_raised_and_older_images_are_refused[advanced_https_ota_anti_rollback",
+                               "Lower secure version received"),
+    "confirms_before_cloud": ("ota-confirms", "no_cloud", OTA,
+                              "test_image_that_cannot_reach_the_cloud_is_rolled_back[OTAE2ERollbackIfUnableToConnectAfterUpdate",
+                              "it confirmed itself without the cloud"),
+}  # fmt: skip
+
+
+def flawed_set(dest: Path, signer: SetSigner, flaw: str, role: str) -> Path:
+    """The clean virtual set with *role* replaced by the same role carrying *flaw*."""
+    build_virtual_set(dest, signer)
+    write_flawed_build(dest / role, [flaw], signer, base_role=role)  # type: ignore[arg-type]
+    return dest
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
+    root = tmp_path_factory.mktemp("otasuites")
+    sets = {CLEAN_BOARD: root / "sets" / "clean"} | {board: root / "sets" / flaw for flaw, (board, *_) in CAUGHT_BY.items()}
+    boards_yaml = virtual_lab(root / "boards.yaml", "ota-meta", sets, sacrificial=set(sets))
+    signer = LocalStack.for_lab(load_lab(boards_yaml)).open_signer().set_signer()  # the key the lab's cloud signs with
+    build_virtual_set(sets[CLEAN_BOARD], signer)
+    selected = []
+    for flaw, (board, role, suite, test, _) in CAUGHT_BY.items():
+        flawed_set(sets[board], signer, flaw, role)
+        selected += [f"{suite}::{test}-{board}]", f"{suite}::{test}-{CLEAN_BOARD}]"]
+    return run_suites(selected, boards_yaml, root / "run")
+
+
+def test_the_suites_have_the_tests_this_meta_test_names() -> None:
+    for flaw, (_, _, suite, test, _) in CAUGHT_BY.items():
+        assert test.split("[")[0] in suite_tests(suite), f"{suite} has no {test} to catch {flaw}"
+
+
+@pytest.mark.parametrize("flaw", sorted(CAUGHT_BY))
+def test_clean_board_passes_the_check(suite_run: subprocess.CompletedProcess[str], flaw: str) -> None:
+    _, _, suite, test, _ = CAUGHT_BY[flaw]
+    assert f"PASSED {suite}::{test}-{CLEAN_BOARD}]" in suite_run.stdout, failure_excerpt(suite_run.stdout)
+
+
+@pytest.mark.parametrize("flaw", sorted(CAUGHT_BY))
+def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw: str) -> None:
+    board, _, suite, test, message = CAUGHT_BY[flaw]
+    assert f"FAILED {suite}::{test}-{board}]" in suite_run.stdout, f"{flaw}: {test} did not fail\n{failure_excerpt(suite_run.stdout)}"
+    raised = failure_report(suite_run.stdout, f"{test.split('::')[-1]}-{board}]")
+    assert message in raised, f"{flaw}: {test} failed, but not on its check ({message!r}): {raised}"
