@@ -94,7 +94,8 @@ def run(
 @app.command()
 def up(
     boards_file: BoardsOption = Path(DEFAULT_BOARDS_FILE),
-    test_mode: Annotated[bool, typer.Option("--test-mode", help="cloud clock movable by suites (POST /test/clock/advance)")] = False,
+    test_mode: Annotated[bool, typer.Option("--test-mode", help="test controls for suites: a movable cloud clock "
+                                            "(POST /test/clock/advance), faulty OTA deliveries (POST /test/ota/delivery)")] = False,
 ) -> None:
     """Start the local cloud stack and every virtual board in the background."""
     from rig import lab_services

@@ -35,6 +35,7 @@ from rig.firmware.otadata import OtaDataPartition, OtaState
 
 
 @pytest.mark.destructive
+@pytest.mark.roles("next", "next_secure")
 @pytest.mark.etsi("5.3-2", "5.3-9", "5.7-1")
 @pytest.mark.parametrize("case", ["advanced_https_ota_anti_rollback"])
 def test_secure_version_is_raised_and_older_images_are_refused(board: Any, secure_version_burn: SecureVersionBurn,

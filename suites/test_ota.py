@@ -70,6 +70,7 @@ def assert_old_app_kept(ota: OtaDriver, status: dict[str, Any], what: str) -> No
 # --------------------------------------------------------------------------- updates that must install
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi(*OTA_PROVISIONS)
 @catalogue("OTAE2EGreaterVersion")
 def test_greater_version_installs_and_boots_from_the_other_slot(board: Any, ota: OtaDriver, case: str) -> None:
@@ -80,6 +81,7 @@ def test_greater_version_installs_and_boots_from_the_other_slot(board: Any, ota:
     assert view.app is not None and view.app.version == ota.version("next")
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi(*OTA_PROVISIONS)
 @catalogue("OTAE2EBackToBackDownloads")
 def test_three_updates_back_to_back(board: Any, ota: OtaDriver, case: str) -> None:
@@ -105,6 +107,7 @@ def test_same_version_is_rejected(board: Any, ota: OtaDriver, case: str) -> None
     assert_old_app_kept(ota, status, "the same version")
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi("5.3-2", "5.3-9")
 @catalogue("rmaker_project_name_check")
 def test_other_project_is_rejected(board: Any, ota: OtaDriver, case: str) -> None:
@@ -130,6 +133,7 @@ BAD_IMAGES = {
 }
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi("5.3-7", "5.3-9", "5.3-10", "5.7-1")
 @catalogue(*BAD_IMAGES)
 def test_bad_image_is_never_booted(board: Any, ota: OtaDriver, case: str, tmp_path: Any) -> None:
@@ -140,6 +144,7 @@ def test_bad_image_is_never_booted(board: Any, ota: OtaDriver, case: str, tmp_pa
     assert_old_app_kept(ota, ota.wait(job), case)
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi("5.3-10", "5.5-1")
 @catalogue("esp_https_ota_plain_http")
 def test_plain_http_url_is_refused(board: Any, ota: OtaDriver, case: str) -> None:
@@ -148,6 +153,7 @@ def test_plain_http_url_is_refused(board: Any, ota: OtaDriver, case: str) -> Non
     assert_old_app_kept(ota, ota.wait(job), "an http:// OTA URL")
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi("5.3-10", "5.5-1")
 @catalogue("device_advisor_tls_unknown_ca")
 def test_server_with_unknown_ca_is_refused(board: Any, ota: OtaDriver, case: str) -> None:
@@ -159,6 +165,7 @@ def test_server_with_unknown_ca_is_refused(board: Any, ota: OtaDriver, case: str
 # --------------------------------------------------------------------------- interrupted updates
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi("5.3-2")
 @catalogue("OTAE2EDisconnectResume")
 def test_connection_cut_keeps_old_app_then_update_succeeds(board: Any, ota: OtaDriver, case: str) -> None:
@@ -173,6 +180,7 @@ def test_connection_cut_keeps_old_app_then_update_succeeds(board: Any, ota: OtaD
     assert view.slot == ota.slots[1] and view.state is OtaState.VALID
 
 
+@pytest.mark.roles("next")
 @pytest.mark.etsi("5.3-2")
 @catalogue("advanced_https_ota_ota_resumption")
 def test_power_cut_mid_write_keeps_old_app(board: Any, ota: OtaDriver, case: str) -> None:
@@ -202,6 +210,7 @@ def test_power_cut_mid_write_keeps_old_app(board: Any, ota: OtaDriver, case: str
 # --------------------------------------------------------------------------- rollback
 
 
+@pytest.mark.roles("crash_on_boot")
 @pytest.mark.etsi("5.3-2", "5.7-1")
 @catalogue("OTAE2EImageCrashed")
 def test_image_that_crashes_on_boot_is_rolled_back(board: Any, ota: OtaDriver, case: str) -> None:
@@ -219,6 +228,7 @@ def test_image_that_crashes_on_boot_is_rolled_back(board: Any, ota: OtaDriver, c
     assert view.slot == ota.slots[0] and OtaState.ABORTED in view.states, f"otadata: {view.record()}"
 
 
+@pytest.mark.roles("no_cloud")
 @pytest.mark.etsi("5.3-2", "5.7-1")
 @catalogue("OTAE2ERollbackIfUnableToConnectAfterUpdate")
 def test_image_that_cannot_reach_the_cloud_is_rolled_back(board: Any, ota: OtaDriver, case: str) -> None:

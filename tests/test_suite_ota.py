@@ -10,6 +10,8 @@ must roll back. The clean board runs the same tests and must pass them.
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,6 +25,13 @@ from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_
 
 OTA, ANTI_ROLLBACK = "suites/test_ota.py", "suites/test_anti_rollback.py"
 CLEAN_BOARD = "ota-clean"
+PARTIAL_BOARD = "ota-partial"
+"""A real farm's set may lack roles: this board's has only ``base`` and ``next``."""
+MISSING_ROLES = {
+    "crash_on_boot": f"{OTA}::test_image_that_crashes_on_boot_is_rolled_back[OTAE2EImageCrashed",
+    "no_cloud": f"{OTA}::test_image_that_cannot_reach_the_cloud_is_rolled_back[OTAE2ERollbackIfUnableToConnectAfterUpdate",
+    "next_secure": f"{ANTI_ROLLBACK}::test_secure_version_is_raised_and_older_images_are_refused[advanced_https_ota_anti_rollback",
+}
 
 # flaw → (board, role that carries it, suite, test id without the board, a fragment of its failure message)
 CAUGHT_BY = {
@@ -49,11 +58,14 @@ def flawed_set(dest: Path, signer: SetSigner, flaw: str, role: str) -> Path:
 @pytest.fixture(scope="module")
 def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
     root = tmp_path_factory.mktemp("otasuites")
-    sets = {CLEAN_BOARD: root / "sets" / "clean"} | {board: root / "sets" / flaw for flaw, (board, *_) in CAUGHT_BY.items()}
+    sets = {CLEAN_BOARD: root / "sets" / "clean", PARTIAL_BOARD: root / "sets" / "partial"}
+    sets |= {board: root / "sets" / flaw for flaw, (board, *_) in CAUGHT_BY.items()}
     boards_yaml = virtual_lab(root / "boards.yaml", "ota-meta", sets, sacrificial=set(sets))
     signer = LocalStack.for_lab(load_lab(boards_yaml)).open_signer().set_signer()  # the key the lab's cloud signs with
     build_virtual_set(sets[CLEAN_BOARD], signer)
-    selected = []
+    for role in ("base", "next"):
+        shutil.copytree(sets[CLEAN_BOARD] / role, sets[PARTIAL_BOARD] / role)
+    selected = [f"{test}-{PARTIAL_BOARD}]" for test in MISSING_ROLES.values()]
     for flaw, (board, role, suite, test, _) in CAUGHT_BY.items():
         flawed_set(sets[board], signer, flaw, role)
         selected += [f"{suite}::{test}-{board}]", f"{suite}::{test}-{CLEAN_BOARD}]"]
@@ -77,3 +89,11 @@ def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw:
     assert f"FAILED {suite}::{test}-{board}]" in suite_run.stdout, f"{flaw}: {test} did not fail\n{failure_excerpt(suite_run.stdout)}"
     raised = failure_report(suite_run.stdout, f"{test.split('::')[-1]}-{board}]")
     assert message in raised, f"{flaw}: {test} failed, but not on its check ({message!r}): {raised}"
+
+
+@pytest.mark.parametrize("role", sorted(MISSING_ROLES))
+def test_a_missing_role_is_not_applicable_and_named(suite_run: subprocess.CompletedProcess[str], role: str) -> None:
+    """NOT_APPLICABLE with the role named, never a pass and never a silent skip."""
+    assert f"PASSED {MISSING_ROLES[role]}-{PARTIAL_BOARD}]" not in suite_run.stdout
+    skipped = re.search(rf"^SKIPPED .* NOT_APPLICABLE: firmware set \S+partial has no '{role}' build", suite_run.stdout, re.MULTILINE)
+    assert skipped, failure_excerpt(suite_run.stdout)
