@@ -144,22 +144,22 @@ def test_bad_image_is_never_booted(board: Any, ota: OtaDriver, case: str, tmp_pa
     assert_old_app_kept(ota, ota.wait(job), case)
 
 
-@pytest.mark.roles("next")
-@pytest.mark.etsi("5.3-10", "5.5-1")
-@catalogue("esp_https_ota_plain_http")
-def test_plain_http_url_is_refused(board: Any, ota: OtaDriver, case: str) -> None:
-    """The same signed image, but the URL is ``http://``: no authenticated channel, no download."""
-    job = ota.send(ota.image("next"), "next-over-http", delivery={"transport": "http"})
-    assert_old_app_kept(ota, ota.wait(job), "an http:// OTA URL")
+UNAUTHENTICATED_CHANNELS = {
+    # case → (how the cloud serves the signed image, what the device was offered)
+    "esp_https_ota_plain_http": ("http", "an http:// OTA URL"),
+    "device_advisor_tls_unknown_ca": ("unknown_ca", "a server with a certificate from an unknown CA"),
+}
 
 
 @pytest.mark.roles("next")
 @pytest.mark.etsi("5.3-10", "5.5-1")
-@catalogue("device_advisor_tls_unknown_ca")
-def test_server_with_unknown_ca_is_refused(board: Any, ota: OtaDriver, case: str) -> None:
-    """The same signed image from a host whose certificate chains to a CA the device does not trust."""
-    job = ota.send(ota.image("next"), "next-unknown-ca", delivery={"transport": "unknown_ca"})
-    assert_old_app_kept(ota, ota.wait(job), "a server with a certificate from an unknown CA")
+@catalogue(*UNAUTHENTICATED_CHANNELS)
+def test_download_from_an_unauthenticated_server_is_refused(board: Any, ota: OtaDriver, case: str) -> None:
+    """The same signed image, but the URL is ``http://`` or the host's certificate chains to a CA
+    the device does not trust: no authenticated channel, no download."""
+    transport, what = UNAUTHENTICATED_CHANNELS[case]
+    job = ota.send(ota.image("next"), f"next-{transport}", delivery={"transport": transport})
+    assert_old_app_kept(ota, ota.wait(job), what)
 
 
 # --------------------------------------------------------------------------- interrupted updates

@@ -37,7 +37,7 @@ MISSING_ROLES = {
 CAUGHT_BY = {
     "accepts_unsigned_ota": ("ota-unsigned", "base", OTA, "test_bad_image_is_never_booted[OTAE2EUnsignedImage",
                              "instead of refusing the image"),
-    "accepts_http_ota": ("ota-http", "base", OTA, "test_plain_http_url_is_refused[esp_https_ota_plain_http",
+    "accepts_http_ota": ("ota-http", "base", OTA, "test_download_from_an_unauthenticated_server_is_refused[esp_https_ota_plain_http",
                          "instead of refusing the image"),
     "ignores_secure_version": ("ota-ignoresv", "next_secure", ANTI_ROLLBACK,
                                "test_secure_version_is_raised_and_older_images_are_refused[advanced_https_ota_anti_rollback",
