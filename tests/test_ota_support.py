@@ -3,9 +3,12 @@ its refusal of a run, the suites' reading of job statuses and otadata, and the e
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from rig.firmware.otadata import OtaDataPartition, OtaState
 from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.secure_boot_v2 import public_key_digest, verify_signed_image
 from rig.firmware.virtual_set import PUBLIC_KEY_FILE, build_virtual_set, ensure_signing_key
+from rig.vboard.board import BoardBusyError
+from rig.vboard.chip_swap import replace_chip
 from tests.suite_runs import REPO, virtual_lab
 
 # --------------------------------------------------------------------------- lifted set
@@ -150,3 +155,27 @@ def test_evidence_keeps_bytes_as_read_and_text_without_secrets(tmp_path: Path) -
     assert json.loads(evidence.attach_json("job.json", {"b": 1, "a": [2]}).read_text()) == {"a": [2], "b": 1}
     with pytest.raises(ValueError, match="plain file name"):
         evidence.attach("../escape.txt", "x")
+
+
+# --------------------------------------------------------------------------- a new chip on a virtual board
+
+
+def test_a_new_chip_retires_the_old_ones_files_and_keeps_them(tmp_path: Path) -> None:
+    root = tmp_path / "boards" / "vb1"
+    root.mkdir(parents=True)
+    assert replace_chip(tmp_path, "vb1") is None
+    for name, data in {"flash.bin": b"\xff" * 16, "efuse.bin": b"\x01" * 8, LEDGER_FILE: b"{}", "address": b"127.0.1.9"}.items():
+        (root / name).write_bytes(data)
+    retired = replace_chip(tmp_path, "vb1", now=datetime(2026, 11, 30, 12, 0, tzinfo=UTC))
+    assert retired == root / "retired" / "20261130T120000Z"
+    assert sorted(p.name for p in retired.iterdir()) == sorted(["flash.bin", "efuse.bin", LEDGER_FILE])
+    assert (retired / "efuse.bin").read_bytes() == b"\x01" * 8
+    assert not (root / "flash.bin").exists() and (root / "address").read_bytes() == b"127.0.1.9"
+    (root / "efuse.bin").write_bytes(b"")
+    held = os.open(root / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(BoardBusyError, match="running; stop it first"):
+            replace_chip(tmp_path, "vb1")
+    finally:
+        os.close(held)
