@@ -13,6 +13,7 @@ Sources (shared/reference/idf-console.md §6, §8 and the files it cites):
 * esp-rainmaker-common ``src/factory.c``, ``src/esp-mqtt/esp-mqtt-glue.c``,
   ``components/rmaker_work_queue``, ``src/console/rmaker_common_cmds.c``;
 * idf-extra-components ``network_provisioning/src/manager.c``, ``qrcode/esp_qrcode_main.c``;
+* esp-idf ``components/protocomm/src/transports/protocomm_console.c``;
 * esp-idf ``components/esp_https_ota/src/esp_https_ota.c``, ``components/app_update/esp_ota_ops.c``;
 * esp-idf ``components/esp_netif/esp_netif_handlers.c``, ``components/esp-tls``,
   ``components/tcp_transport/transport_ssl.c``, ``components/mqtt`` (``mqtt_client.c``).
@@ -55,6 +56,7 @@ TAG_OTA = "esp_rmaker_ota"
 TAG_OTA_TOPICS = "esp_rmaker_ota_using_topics"
 TAG_RMAKER_HTTPS_OTA = "esp_rmaker_https_ota"
 TAG_HTTPS_OTA = "esp_https_ota"
+TAG_PROTOCOMM_CONSOLE = "protocomm_console"
 TAG_RIG = "rig_vboard"
 """Lines only the virtual firmware prints (a manifest it refuses); never mistaken for ESP-IDF's."""
 
@@ -113,6 +115,10 @@ class NodeMsg:
     # network_provisioning manager.c (note the trailing space)
     PROV_MGR_STARTED = LogMessage("I", TAG_PROV_MGR, "Provisioning started with service name : {name} ")
     PROV_MGR_STOPPED = LogMessage("I", TAG_PROV_MGR, "Provisioning stopped")
+
+    # esp-idf protocomm/src/transports/protocomm_console.c (protocomm_console_stop, then its task's exit)
+    PROTOCOMM_CONSOLE_STOPPING = LogMessage("I", TAG_PROTOCOMM_CONSOLE, "Stopping console...")
+    PROTOCOMM_CONSOLE_STOPPED = LogMessage("I", TAG_PROTOCOMM_CONSOLE, "Console stopped")
 
     # app_network.c, qrcode/esp_qrcode_main.c
     SCAN_QR = LogMessage("I", TAG_NETWORK, "Scan this QR code from the ESP RainMaker phone app for Provisioning.")

@@ -227,10 +227,17 @@ class ProvisioningTransport(ProtocommServer):
             PROV_VERSION, self.security_version, security.patch_version if self.security_version == 2 else None, caps, RMAKER_APP_INFO,
         ))  # fmt: skip
         self.protocomm.set_security("prov-session", security)
-        self.protocomm.add_endpoint("prov-config", self.endpoints.prov_config)
-        self.protocomm.add_endpoint("prov-scan", self.endpoints.prov_scan)
-        self.protocomm.add_endpoint("prov-ctrl", self.endpoints.prov_ctrl)
-        self.protocomm.add_endpoint("cloud_user_assoc", self.endpoints.cloud_user_assoc)
+        requests = (
+            ("prov-config", self.endpoints.prov_config),
+            ("prov-scan", self.endpoints.prov_scan),
+            ("prov-ctrl", self.endpoints.prov_ctrl),
+            ("cloud_user_assoc", self.endpoints.cloud_user_assoc),
+        )
+        for name, handler in requests:
+            self.protocomm.add_endpoint(name, handler)
+        self.endpoint_names: tuple[str, ...] = ("proto-ver", "prov-session", *(name for name, _ in requests))
+        """Every endpoint of :attr:`protocomm`, in registration order: what another transport of the
+        same instance serves (:mod:`.prov_console`)."""
 
     def _on_event(self, event: SecurityEvent) -> None:
         if event is SecurityEvent.SETUP_OK:

@@ -17,7 +17,10 @@ drawn: the rig has no QR encoder, and nothing reads the drawing back.
 The transport — protocomm over HTTP on the board's address, port 80, endpoints
 ``proto-ver``, ``prov-session``, ``prov-config``, ``prov-scan``, ``prov-ctrl`` and
 ``cloud_user_assoc`` — is started by :meth:`ProvisioningService.start_transport` (a seam
-the protocomm server fills). What it calls on the node: :attr:`node` ``.wifi`` (scan,
+the protocomm server fills). An image whose behaviour manifest sets ``extra.prov_console``
+also serves that same protocomm instance (endpoints, security session) on the serial
+console, as ESP-IDF's ``protocomm_console`` does (:mod:`rig.vboard.node.prov_console`; off
+by default, as RainMaker's ``app_network`` offers only SoftAP and BLE). What it calls on the node: :attr:`node` ``.wifi`` (scan,
 set_config, apply, status), :meth:`credentials_received` (``NETWORK_PROV_WIFI_CRED_RECV``:
 logs and applies), ``node.start_user_mapping(user_id, secret_key)`` for
 ``cloud_user_assoc``, and :meth:`session_established` / :meth:`pop_mismatch` for the
@@ -38,6 +41,7 @@ from rig.vboard.node.messages import TAG_NETWORK, NodeMsg
 
 if TYPE_CHECKING:
     from rig.vboard.node.node import RainMakerNode
+    from rig.vboard.node.prov_console import ProtocommConsole
     from rig.vboard.node.prov_transport import ProvisioningTransport
 
 TRANSPORT = "softap"
@@ -90,6 +94,7 @@ class ProvisioningService:
         self._active = False
         self._mismatches = 0
         self._transport: ProvisioningTransport | None = None
+        self._console: ProtocommConsole | None = None
 
     @property
     def active(self) -> bool:
@@ -162,21 +167,33 @@ class ProvisioningService:
         provisioning endpoints (:mod:`rig.vboard.node.prov_transport`); the runtime tracks
         it, so a reset closes it and drops every client. One that cannot listen is logged
         (:class:`rig.vboard.node.protocomm_server.ProtocommServer`) and provisioning runs on
-        without a transport."""
+        without it. With ``extra.prov_console`` in the manifest the same protocomm instance is
+        also served on the console (:class:`rig.vboard.node.prov_console.ProtocommConsole`)."""
+        from rig.vboard.node.prov_console import ProtocommConsole, console_enabled, console_line_max
         from rig.vboard.node.prov_transport import ProvisioningTransport
 
         transport = ProvisioningTransport(self, HTTP_PORT)
-        if transport.start():
-            with self._lock:
-                self._transport = transport
+        served = transport.start()
+        console = None
+        extra = self.node.behaviour.extra
+        if console_enabled(extra):
+            console = ProtocommConsole(self.node.runtime, self.node.ctx.commands, transport.protocomm,
+                                       transport.endpoint_names, console_line_max(extra))  # fmt: skip
+            console.start()
+        with self._lock:
+            self._transport = transport if served else None
+            self._console = console
 
     def stop_transport(self) -> None:
         """Stop what :meth:`start_transport` started."""
         with self._lock:
             transport, self._transport = self._transport, None
+            console, self._console = self._console, None
         if transport is not None:
             self.node.runtime.untrack(transport)
             transport.close()
+        if console is not None:
+            console.stop()
 
     # ------------------------------------------------------------------ events the transport reports
 
