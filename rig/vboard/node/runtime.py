@@ -64,6 +64,8 @@ class NodeRuntime:
         self._threads: list[threading.Thread] = []
         self._closables: list[Closable] = []
         self._timers: set[Timer] = set()
+        self._closed = threading.Event()
+        """Set once :meth:`halt` has closed every tracked socket and server."""
 
     # ------------------------------------------------------------------ output
 
@@ -171,12 +173,19 @@ class NodeRuntime:
             timers, self._timers = self._timers, set()
         for timer in timers:
             timer.wake.set()
-        for item in closables:
-            _close(item)
+        try:
+            for item in closables:
+                _close(item)
+        finally:
+            self._closed.set()
 
     def join(self, timeout: float = JOIN_TIMEOUT_S) -> list[str]:
-        """Wait for the tasks after :meth:`halt`; the names of those still running (logged)."""
+        """Wait for the tasks after :meth:`halt`, and for :meth:`halt` itself to have closed every
+        socket (it may run on another thread, and the next boot binds the same addresses); the
+        names of the tasks still running (logged)."""
         deadline = time.monotonic() + timeout
+        if self.halted.is_set() and not self._closed.wait(timeout):
+            log.error("virtual board %s: closing the node's sockets took over %.0f s", self.board, timeout)
         with self._lock:
             threads = [t for t in self._threads if t is not threading.current_thread()]
         for thread in threads:
