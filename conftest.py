@@ -14,4 +14,5 @@ pytest_plugins = [
     "fixtures.evidence",
     "fixtures.ota",
     "fixtures.anti_rollback",
+    "fixtures.capture",
 ]

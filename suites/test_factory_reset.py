@@ -7,6 +7,14 @@ mapping (``user_mapping``), params — and keeps ``fctry``, the node's cloud ide
 suite checks that on the flash itself, read back through esptool over the console's own
 port (pytest-embedded's ``dump_flash``, :func:`fixtures.node.read_partition`) and parsed as NVS, then that the node is back in
 provisioning and, onboarded again, reports a new local-control PoP (the old owner's is void).
+
+It does so for each way the device offers (5.11-1: "run each erasure"): the console command,
+and the BOOT button held past RainMaker's factory-reset time (the examples' ``app_reset``: a
+press released after 10 s). The button is pressed from the host through the DevKit's
+auto-reset circuit (DTR asserted, RTS released: :mod:`rig.boards.boot_button`), the same on a
+real and a virtual board, and held until the node says to let go. A shorter press (released
+between 3 s and 10 s) is a Wi-Fi reset: ``esp_wifi_restore`` forgets the network and nothing
+else, so the node is back in provisioning still mapped to its user.
 """
 
 from __future__ import annotations
@@ -17,34 +25,91 @@ from typing import Any
 import pytest
 
 from fixtures.node import ROM_BANNER, ProvisionedNode, onboard, read_partition, read_qr
+from rig.boards.boot_button import boot_button_pressed
 from rig.cloud.fctry import read_fctry, read_nvs
 from rig.firmware.errors import FirmwareFormatError
 from rig.lab import Lab
 from rig.prov.console_qr import QR_LINE
-from rig.prov.local_ctrl import wait_local_control_service
+from rig.prov.local_ctrl import LocalControlService, local_control_service, wait_local_control_service
+from rig.prov.polling import poll_until
+from rig.prov.rainmaker_api import CLOUD_POLL_S, RainMakerUser
 
 WIFI_NAMESPACE = "nvs.net80211"
 """ESP-IDF's Wi-Fi driver keeps the station SSID/password here (``sta.ssid``, ``sta.pswd``)."""
 MAPPING_NAMESPACE = "user_mapping"
 """esp-rainmaker ``esp_rmaker_user_mapping.c`` keeps the mapped ``user_id`` here."""
 USER_DATA_NAMESPACES = (WIFI_NAMESPACE, MAPPING_NAMESPACE)
+WIFI_SSID_KEY = "sta.ssid"
+"""The station SSID: u32 length + 32 bytes (ESP-IDF's ``wifi_sta_config_t`` as the driver stores it)."""
 BOOT_TIMEOUT_S = 60.0
 LOCAL_CTRL_TIMEOUT_S = 15.0
 
+CONSOLE_FACTORY_RESET = "Resetting to Factory Defaults..."
+"""``reset-to-factory``'s reply (esp-rainmaker-common ``rmaker_common_cmds.c``)."""
+FACTORY_RESET_EVENT = "Node reset to factory defaults."
+WIFI_RESET_EVENT = "Wi-Fi credentials reset."
+"""The examples' ``app_main`` echo of ``RMAKER_EVENT_FACTORY_RESET`` / ``RMAKER_EVENT_WIFI_RESET``."""
+WIFI_RESET_PRESSED = "Release button now for Wi-Fi reset. Keep pressed for factory reset."
+FACTORY_RESET_PRESSED = "Release button to trigger factory reset."
+"""What the examples' ``app_reset`` logs once the button has been held 3 s, then 10 s. The reset
+itself starts on release: the one the last of these lines announced."""
+WIFI_RESET_HOLD_S = 3.0
+FACTORY_RESET_HOLD_S = 10.0
+RESET_ANSWER_S = 15.0
+"""From the request (command, or release) to its echo: RainMaker's reset delay is 2 s."""
+RESET_WAYS = ("console", "boot_button")
 
-def nvs_namespaces(dut: Any) -> set[str]:
-    """The NVS namespaces that hold data in the board's ``nvs`` partition (read over the port)."""
+
+def nvs_contents(dut: Any) -> dict[str, dict[str, bytes]]:
+    """The board's ``nvs`` partition, read over the port, as ``{namespace: {key: value}}``."""
     image = read_partition(dut, "nvs")
     if set(image) == {0xFF}:
-        return set()
+        return {}
     try:
-        return set(read_nvs(image, what="nvs partition"))
+        return read_nvs(image, what="nvs partition")
     except FirmwareFormatError as exc:
         pytest.fail(f"INCONCLUSIVE: the nvs partition is not readable NVS ({exc}); encrypted NVS needs its keys", pytrace=False)
 
 
+def nvs_namespaces(dut: Any) -> set[str]:
+    """The NVS namespaces that hold data in the board's ``nvs`` partition (read over the port)."""
+    return set(nvs_contents(dut))
+
+
+def station_ssid(nvs: dict[str, dict[str, bytes]]) -> bytes:
+    """The SSID the Wi-Fi driver would join, empty when it has none."""
+    raw = nvs.get(WIFI_NAMESPACE, {}).get(WIFI_SSID_KEY, b"")
+    return raw[4 : 4 + min(int.from_bytes(raw[:4], "little"), 32)] if len(raw) >= 4 else b""
+
+
+def renewed_local_control(user: RainMakerUser, node_id: str, old: LocalControlService) -> LocalControlService | None:
+    """The node's Local Control service once the cloud reports a PoP other than *old*'s, or what
+    it reports at the timeout. The cloud keeps a node's last params across its reset until the
+    new ``params/local/init`` replaces them, so the first report after onboarding may be the old one."""
+    return poll_until(lambda: local_control_service(user.node_config(node_id), user.params(node_id)),
+                      lambda found: found is not None and found.pop != old.pop, LOCAL_CTRL_TIMEOUT_S, CLOUD_POLL_S)  # fmt: skip
+
+
+def press_boot_button(dut: Any, until: str, hold_s: float) -> None:
+    """Hold the BOOT button (through the port's DTR/RTS) until the node logs *until*, which
+    it does after *hold_s* seconds held; then let go."""
+    with boot_button_pressed(dut.serial.proc):
+        dut.expect_exact(until, timeout=hold_s + RESET_ANSWER_S)
+
+
+def ask_for_factory_reset(dut: Any, way: str) -> None:
+    """Start a factory reset *way* and see the node take it."""
+    if way == "console":
+        dut.write("reset-to-factory\r")
+        dut.expect_exact(CONSOLE_FACTORY_RESET, timeout=10)
+    else:
+        press_boot_button(dut, FACTORY_RESET_PRESSED, FACTORY_RESET_HOLD_S)
+        dut.expect_exact(FACTORY_RESET_EVENT, not_matching=[WIFI_RESET_EVENT], timeout=RESET_ANSWER_S)
+
+
 @pytest.mark.etsi("5.11-1", "5.4-2", "5.1-1")
-def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: ProvisionedNode, dut: Any, lab: Lab) -> None:
+@pytest.mark.parametrize("way", RESET_WAYS)
+def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: ProvisionedNode, dut: Any, lab: Lab, way: str) -> None:
     local_ctrl = wait_local_control_service(provisioned_node.user, provisioned_node.node_id, LOCAL_CTRL_TIMEOUT_S)
     before = nvs_namespaces(dut)
     missing = [ns for ns in USER_DATA_NAMESPACES if ns not in before]
@@ -52,8 +117,7 @@ def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: Pro
         pytest.fail(f"INCONCLUSIVE: a provisioned, mapped node should hold {missing} in NVS before the reset", pytrace=False)
     dut.expect_exact("MQTT Connected", timeout=BOOT_TIMEOUT_S)  # the read reset the board; let it come back
 
-    dut.write("reset-to-factory\r")
-    dut.expect_exact("Resetting to Factory Defaults...", timeout=10)
+    ask_for_factory_reset(dut, way)
     dut.expect_exact(ROM_BANNER, timeout=BOOT_TIMEOUT_S)
     came_back = dut.expect([QR_LINE, re.compile(rb"Already provisioned")], timeout=BOOT_TIMEOUT_S)
 
@@ -66,6 +130,31 @@ def test_factory_reset_erases_user_data_and_keeps_identity(provisioned_node: Pro
     if local_ctrl is None:
         return  # a node without local control has no local-control PoP to renew
     onboard(provisioned_node.fresh, dut, lab, provisioned_node.user, read_qr(dut, timeout=BOOT_TIMEOUT_S))
-    renewed = wait_local_control_service(provisioned_node.user, provisioned_node.node_id, LOCAL_CTRL_TIMEOUT_S)
+    renewed = renewed_local_control(provisioned_node.user, provisioned_node.node_id, local_ctrl)
     assert renewed is not None, "after the factory reset and new onboarding the node reports no Local Control service"
     assert renewed.pop != local_ctrl.pop, "the local-control PoP survived the factory reset: the previous owner can still get in"
+
+
+@pytest.mark.etsi("5.11-1")
+def test_short_boot_button_press_resets_only_wifi(provisioned_node: ProvisionedNode, dut: Any) -> None:
+    """Released between 3 s and 10 s, the BOOT button is ``esp_rmaker_wifi_reset``: the station
+    credentials go (``esp_wifi_restore``), the user mapping and every other namespace stay, and
+    the node reboots into provisioning."""
+    before = nvs_contents(dut)
+    missing = [ns for ns in USER_DATA_NAMESPACES if ns not in before]
+    if missing or not station_ssid(before):
+        pytest.fail(f"INCONCLUSIVE: a provisioned, mapped node should hold {missing or [WIFI_SSID_KEY]} in NVS before the reset",
+                    pytrace=False)  # fmt: skip
+    dut.expect_exact("MQTT Connected", timeout=BOOT_TIMEOUT_S)  # the read reset the board; let it come back
+
+    press_boot_button(dut, WIFI_RESET_PRESSED, WIFI_RESET_HOLD_S)  # let go at once: well before the 10 s of a factory reset
+    dut.expect_exact(WIFI_RESET_EVENT, not_matching=[FACTORY_RESET_PRESSED, FACTORY_RESET_EVENT], timeout=RESET_ANSWER_S)
+    dut.expect_exact(ROM_BANNER, timeout=BOOT_TIMEOUT_S)
+    came_back = dut.expect([QR_LINE, re.compile(rb"Already provisioned")], timeout=BOOT_TIMEOUT_S)
+
+    after = nvs_contents(dut)
+    assert not station_ssid(after), f"the Wi-Fi reset kept the station credentials ({station_ssid(after)!r} in {WIFI_NAMESPACE})"
+    assert b"QRCODE" in came_back.group(0), "after the Wi-Fi reset the node came back provisioned, not in provisioning"
+    lost = sorted(set(before) - set(after) - {WIFI_NAMESPACE})
+    assert not lost, f"the Wi-Fi reset erased more than the Wi-Fi credentials: {lost} are gone (only esp_wifi_restore should run)"
+    assert after[MAPPING_NAMESPACE] == before[MAPPING_NAMESPACE], "the Wi-Fi reset changed the user mapping; it must keep it"

@@ -9,6 +9,9 @@ the Wi-Fi credentials, then the cloud mapping. What must hold (EN 303 645):
   the scheme is the best-practice one (sec2: SRP6a + AES-GCM), never security 0;
 * 5.5-6 / 5.5-7 / 5.8-1 — the Wi-Fi passphrase and the PoP never appear on the UART
   after the node printed its QR payload;
+* 5.5-1 / 5.5-6 / 5.5-7 — nor in clear on the wire: a capture of the node's traffic while it is
+  provisioned (with whatever scheme it offers) and reaches the cloud holds neither, in any
+  common encoding;
 * the node then reaches the cloud and its user mapping is confirmed.
 """
 
@@ -20,7 +23,9 @@ from typing import Any
 
 import pytest
 
+from fixtures.capture import BoardCaptures
 from fixtures.node import EXAMPLE_POPS, FreshNode, lab_ap, near_miss, pop_weakness, read_qr
+from rig.capture import describe_hits
 from rig.lab import Lab
 from rig.protocomm.errors import SessionError
 from rig.protocomm.messages import CmdSetConfig, WiFiConfigMsgType, WiFiConfigPayload, WifiStationState
@@ -105,3 +110,29 @@ def test_security_0_is_refused(fresh_node: FreshNode, dut: Any) -> None:
     )
     with pytest.raises((SessionError, TransportError)):
         client.open_session(sec_ver=0)
+
+
+@pytest.mark.etsi("5.5-1", "5.5-6", "5.5-7")
+def test_secrets_never_cross_the_wire_in_clear(
+    board_capture: BoardCaptures, fresh_node: FreshNode, dut: Any, lab: Lab, cloud_user: RainMakerUser
+) -> None:
+    """Provisioned as the app would — with the scheme the node itself offers, security 0 included — and
+    on to the cloud, under capture: the passphrase, the PoP and the mapping secret appear in no payload."""
+    qr = read_qr(dut)
+    ap = lab_ap(lab)
+    passphrase = ap.passphrase.get_secret_value()
+    secret = str(uuid.uuid4())
+    client = ProvisioningClient(SoftApHttpTransport(fresh_node.address()), pop=qr.pop or "", username=qr.username or "")
+    with board_capture("provisioning") as cap:
+        offered = client.proto_version()  # open_session() runs this scheme: the one the node offers
+        outcome = provision_wifi(client, ap.ssid, passphrase, cloud_user.user_id, secret, timeout=WIFI_TIMEOUT_S)
+        if outcome.connected:
+            dut.expect_exact("MQTT Connected", timeout=CLOUD_TIMEOUT_S)
+    canaries = {"the Wi-Fi passphrase": passphrase, "the user-mapping secret": secret} | ({"the PoP": qr.pop} if qr.pop else {})
+    hits = cap.cleartext_hits(canaries)
+    assert not hits, f"with protocomm security {offered.sec_ver}, secrets crossed the wire in clear:\n{describe_hits(hits)}"
+    cap.require_complete()
+    cap.require_traffic(client.transport.port, "the provisioning exchange")
+    if not outcome.connected:
+        pytest.fail(f"INCONCLUSIVE: the node did not join {ap.ssid} ({outcome}), so its traffic after provisioning was not seen",
+                    pytrace=False)

@@ -19,17 +19,48 @@ from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_
 PROVISIONING = "suites/test_provisioning.py"
 FACTORY_RESET = "suites/test_factory_reset.py"
 SUITES = (PROVISIONING, FACTORY_RESET)
+FACTORY_RESET_TEST = "test_factory_reset_erases_user_data_and_keeps_identity"
+VARIANTS = {FACTORY_RESET_TEST: ("console", "boot_button")}
+"""Suite tests parametrized beside the board, and their ids (which pytest puts before the
+board's): the factory reset runs once per way the device offers (the suite's RESET_WAYS)."""
 
-# flaw → (board name, suite, the test that must FAIL on it, a fragment of its failure message)
-CAUGHT_BY = {
-    "sec0_provisioning": ("pv-sec0", PROVISIONING, "test_security_0_is_refused", "offers provisioning without security"),
+
+def variant_ids(name: str) -> list[str]:
+    """Suite test *name*'s ids without the board: ``name``, or ``name[variant`` per variant."""
+    return [f"{name}[{variant}" for variant in VARIANTS.get(name, ())] or [name]
+
+
+def on_board(test: str, board: str) -> str:
+    """A test id from :func:`variant_ids` (or :data:`CAUGHT_BY`) completed with *board*, as pytest names it."""
+    return f"{test}-{board}]" if "[" in test else f"{test}[{board}]"
+
+
+# flaw → (board name, suite, the test that must FAIL on it — an id of variant_ids —, a fragment of its
+# failure message), or a list of those when several tests must each catch it on their own check
+# (on the same board)
+CAUGHT_BY: dict[str, tuple[str, str, str, str] | list[tuple[str, str, str, str]]] = {
+    "sec0_provisioning": [
+        ("pv-sec0", PROVISIONING, "test_security_0_is_refused", "offers provisioning without security"),
+        ("pv-sec0", PROVISIONING, "test_secrets_never_cross_the_wire_in_clear", "the Wi-Fi passphrase in clear"),
+    ],
     "wrong_pop_accepted": ("pv-wrongpop", PROVISIONING, "test_wrong_pop_never_yields_a_session", "a session was established"),
     "static_pop": ("pv-staticpop", PROVISIONING, "test_pop_is_unique_and_not_derivable", "Espressif's example value"),
     "pop_from_mac": ("pv-macpop", PROVISIONING, "test_pop_is_unique_and_not_derivable", "MAC address bytes"),
     "logs_wifi_password": ("pv-logspass", PROVISIONING, "test_provisioning_with_the_pop_reaches_the_cloud", "should not have been matched"),
-    "factory_reset_keeps_wifi": ("fr-keepswifi", FACTORY_RESET, "test_factory_reset_erases_user_data_and_keeps_identity",
-                                 "user data survived the factory reset"),
+    "factory_reset_keeps_wifi": [  # one erase function behind the console command and the BOOT button
+        ("fr-keepswifi", FACTORY_RESET, test, "user data survived the factory reset") for test in variant_ids(FACTORY_RESET_TEST)
+    ],
 }
+
+
+def catches(flaw: str) -> list[tuple[str, str, str, str]]:
+    """Every (board, suite, test, message) that must catch *flaw*."""
+    entry = CAUGHT_BY[flaw]
+    return entry if isinstance(entry, list) else [entry]
+
+
+CATCHES = [(flaw, *catch) for flaw in sorted(CAUGHT_BY) for catch in catches(flaw)]
+"""(flaw, board, suite, test, message), one per test that must catch a flaw."""
 CLEAN_BOARD = "pv-clean"
 
 
@@ -39,28 +70,35 @@ def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedP
     key = ensure_signing_key(root / "key.pem")
     build_virtual_set(root / "sets" / "clean", key)
     boards = {CLEAN_BOARD: root / "sets" / "clean"}
-    selected = [f"{suite}::{name}[{CLEAN_BOARD}]" for suite in SUITES for name in suite_tests(suite)]
-    for flaw, (board, suite, test, _) in CAUGHT_BY.items():
-        write_flawed_build(root / "sets" / flaw / "base", [flaw], key)
-        boards[board] = root / "sets" / flaw
-        selected.append(f"{suite}::{test}[{board}]")
+    selected = [f"{suite}::{on_board(test, CLEAN_BOARD)}" for suite in SUITES for name in suite_tests(suite) for test in variant_ids(name)]
+    for flaw, board, suite, test, _ in CATCHES:
+        if board not in boards:
+            write_flawed_build(root / "sets" / flaw / "base", [flaw], key)
+            boards[board] = root / "sets" / flaw
+        selected.append(f"{suite}::{on_board(test, board)}")
     return run_suites(selected, virtual_lab(root / "boards.yaml", "flawed-nodes", boards), root / "run")
 
 
 def test_the_suites_have_the_tests_this_meta_test_names() -> None:
-    for board, suite, test, _ in CAUGHT_BY.values():
-        assert test in suite_tests(suite), f"{suite} has no {test} to catch the flaw of {board}"
+    for _, board, suite, test, _ in CATCHES:
+        assert test.split("[")[0] in suite_tests(suite), f"{suite} has no {test} to catch the flaw of {board}"
+    boards: dict[str, str] = {}
+    for flaw, board, *_ in CATCHES:
+        assert boards.setdefault(board, flaw) == flaw, f"board {board} would carry two flaws, {boards[board]} and {flaw}"
 
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_clean_board_passes_every_test(suite_run: subprocess.CompletedProcess[str], suite: str) -> None:
     for name in suite_tests(suite):
-        assert f"PASSED {suite}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, failure_excerpt(suite_run.stdout)
+        for test in variant_ids(name):
+            assert f"PASSED {suite}::{on_board(test, CLEAN_BOARD)}" in suite_run.stdout, failure_excerpt(suite_run.stdout)
 
 
-@pytest.mark.parametrize("flaw", sorted(CAUGHT_BY))
-def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw: str) -> None:
-    board, suite, test, message = CAUGHT_BY[flaw]
-    assert f"FAILED {suite}::{test}[{board}]" in suite_run.stdout, f"{flaw}: {test} did not fail\n{failure_excerpt(suite_run.stdout)}"
-    raised = failure_report(suite_run.stdout, f"{test}[{board}]")
+@pytest.mark.parametrize(("flaw", "board", "suite", "test", "message"), CATCHES,
+                         ids=[flaw if len(catches(flaw)) == 1 else f"{flaw}-{test.replace('[', '-')}" for flaw, _, _, test, _ in CATCHES])
+def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw: str, board: str, suite: str, test: str,
+                              message: str) -> None:
+    run_id = on_board(test, board)
+    assert f"FAILED {suite}::{run_id}" in suite_run.stdout, f"{flaw}: {test} did not fail\n{failure_excerpt(suite_run.stdout)}"
+    raised = failure_report(suite_run.stdout, run_id)
     assert message in raised, f"{flaw}: {test} failed, but not on its check ({message!r}): {raised}"

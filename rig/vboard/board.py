@@ -11,6 +11,11 @@ What a host sees is what an ESP32-C3-DevKitC-02 on a CP2102 shows:
   state and still catch GPIO9 low. Here the settle window is widened to
   :data:`STRAP_SETTLE_S` because every SET_CONTROL crosses RFC 2217 with a round trip
   (pyserial waits 50 ms to 100 ms for each acknowledgement).
+* **BOOT button**: GPIO9 is also the DevKit's BOOT button, and the running app reads it
+  (RainMaker's examples hold it for a Wi-Fi or factory reset, :mod:`rig.vboard.node.app_reset`).
+  The circuit pulls it low while the host holds DTR asserted and RTS released, with EN
+  high — the same host action presses it on a real DevKitC (:mod:`rig.boards.boot_button`).
+  :class:`GpioInput` hands its level and edges to the firmware.
 * **ROM**: the banner lines of the real C3 ROM for each reset reason and boot mode
   (esptool-protocol.md §9; idf-console.md §2), then download mode
   (:mod:`rig.vboard.rom`) or a flash boot: the ``SPIWP``/``mode``/``load``/``entry``
@@ -140,6 +145,59 @@ SHUTDOWN_TIMEOUT_S = 10.0
 """How long power-off waits for the firmware to notice ``stopping`` before giving up on it."""
 RX_BUFFER_LIMIT = 64 * 1024
 """Host bytes held for the chip before further ones are dropped (FIFO plus a driver buffer)."""
+
+
+# --------------------------------------------------------------------------- GPIO9
+
+
+GpioWatcher = Callable[[bool], None]
+"""Called with the pin's new level (True = low) on each edge."""
+
+
+class GpioInput:
+    """An input pin as the firmware reads it: GPIO9, the BOOT button and the circuit's DTR line.
+
+    The board drives it (:meth:`drive`) whenever the reset circuit's output changes; the
+    firmware reads :attr:`low` or watches its edges (:meth:`watch`, its GPIO interrupt)
+    instead of polling. A watcher runs on the thread that moved the line (the RFC 2217
+    session's), in edge order, with the board's line lock held: it must return at once and
+    must not call back into the board — it hands the work to a task or a timer.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._low = False
+        self._watchers: list[GpioWatcher] = []
+
+    @property
+    def low(self) -> bool:
+        with self._lock:
+            return self._low
+
+    def watch(self, on_edge: GpioWatcher) -> Callable[[], None]:
+        """Call *on_edge* on every later edge; returns the function that stops it."""
+        with self._lock:
+            self._watchers.append(on_edge)
+
+        def unwatch() -> None:
+            with self._lock:
+                if on_edge in self._watchers:
+                    self._watchers.remove(on_edge)
+
+        return unwatch
+
+    def drive(self, low: bool) -> None:
+        """The circuit's output is now *low* (or high); watchers see only real edges."""
+        with self._lock:
+            if low == self._low:
+                return
+            self._low = low
+            watchers = list(self._watchers)
+        for on_edge in watchers:
+            try:
+                on_edge(low)
+            except Exception:
+                log.exception("a GPIO9 watcher failed on the %s edge", "falling" if low else "rising")
 
 
 # --------------------------------------------------------------------------- UART
@@ -406,8 +464,10 @@ class VirtualBoard:
         self.efuse = EfuseController.open(self.paths.efuse, self.mac)
         self.uart = VirtualUart()
         self.uart.trace_name = name
+        self.gpio9 = GpioInput()
+        """GPIO9 as the running firmware reads it: low while the BOOT button is held (DTR, RTS released)."""
         if firmware is None:
-            platform = NodePlatform(name, self.address, self.mac, radio_file(self.state_dir))
+            platform = NodePlatform(name, self.address, self.mac, radio_file(self.state_dir), boot_button=self.gpio9)
             firmware = IdfFirmware(app_main=RainMakerFirmware(platform))
         self.firmware: FirmwareRunner = firmware
         self._cond = threading.Condition()
@@ -521,6 +581,7 @@ class VirtualBoard:
             if en and self._gpio9_low() and now - self._en_rise <= STRAP_SETTLE_S:
                 self._strap_low = True  # latched: GPIO9 was low while EN settled
             self._en = en
+            self.gpio9.drive(self._gpio9_low())  # under the lock, so watchers see edges in order
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ the chip

@@ -41,6 +41,7 @@ from rig.firmware.behaviour import BehaviourManifest
 from rig.protocomm.messages import WifiConnectFailedReason, WifiStationState
 from rig.vboard.app import AppContext, AppExit, panic_report
 from rig.vboard.flaws import UnknownFlawError, check_flaws
+from rig.vboard.node.app_reset import ButtonPin, register_reset_button
 from rig.vboard.node.boot_confirm import BootConfirmation
 from rig.vboard.node.cloud_link import LWT_MESSAGE, PLAINTEXT_PORT, CloudLink, LinkSettings, aws_ppi
 from rig.vboard.node.data_model import (
@@ -101,6 +102,8 @@ class NodePlatform:
     address: str
     mac: bytes
     radio_path: Path
+    boot_button: ButtonPin | None = None
+    """GPIO9, the DevKit's BOOT button (None: a node run without a board)."""
 
 
 WIFI_DRIVER_KEYS: tuple[tuple[str, bytes], ...] = (
@@ -234,6 +237,7 @@ class RainMakerNode:
             self.runtime.log(NodeMsg.UNKNOWN_FLAWS, names=", ".join(exc.unknown))
             return None
         register_node_commands(self)
+        register_reset_button(self)  # app_driver_init: the BOOT button's Wi-Fi and factory reset
         nvs_part = find_partition(self.ctx.boot.partitions, NVS_PARTITION_NAME)
         if nvs_part is not None:
             self.nvs = NvsStore(self.ctx.flash, nvs_part)
