@@ -21,6 +21,7 @@ from rig.cli_lab import BoardsOption, load_lab_or_exit
 from rig.espressif_tools import EspressifToolError
 from rig.firmware.behaviour import BehaviourManifest
 from rig.lab import DEFAULT_BOARDS_FILE, LabConfigError
+from rig.pcap_commands import pcap_app
 from rig.runs import RunDirectory
 from rig.vboard.cli import app as vboard_app  # the CLI is one of the few places that may import the emulator
 
@@ -160,6 +161,7 @@ def _print_state(state: object) -> None:
 app.add_typer(vboard_app, name="vboard", help="Virtual ESP32-C3 boards.")
 app.add_typer(board_app, name="board", help="Operations on one board of the lab (claim).")
 app.command("provision")(provision)
+app.add_typer(pcap_app, name="pcap")
 
 user_app = typer.Typer(no_args_is_help=True, help="Cloud users of the local stack.")
 app.add_typer(user_app, name="user")

@@ -364,3 +364,28 @@ def test_capture_problems_name_their_fix(tmp_path: Path) -> None:
 def test_libpcap_missing_is_explained() -> None:
     stderr = "tcpdump: error while loading shared libraries: libpcap.so.0.8: cannot open shared object file"
     assert "libpcap is missing" in explain_failure("lo", stderr) and "Fix: apt-get install libpcap0.8" in explain_failure("lo", stderr)
+
+
+# --------------------------------------------------------------------------- rig pcap analyze
+
+
+def test_rig_pcap_analyze_prints_flows_and_hits_by_label_and_exits_by_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from rig.cli import app
+
+    tcp = TcpConversation()
+    request = b"POST /prov-config HTTP/1.1\r\n\r\npass=" + SECRET.encode()
+    pcap = write(tmp_path / "prov.pcap", [*tcp.handshake(), tcp.data(True, 0, request)])
+    monkeypatch.setenv("RIG_TEST_CANARY", SECRET)
+    runner = CliRunner()
+    found = runner.invoke(app, ["pcap", "analyze", str(pcap), "--canary", "wifi=env:RIG_TEST_CANARY"])
+    assert found.exit_code == 1, found.output
+    assert "127.0.0.1:40000" in found.output and "HIT wifi (utf-8)" in found.output and SECRET not in found.output
+    clean = runner.invoke(app, ["pcap", "analyze", str(pcap), "--json"])
+    assert clean.exit_code == 0 and json.loads(clean.output)["cleartext_hits"] == []
+    (tmp_path / "cut.pcap").write_bytes(pcap.read_bytes()[:-7])
+    cut = runner.invoke(app, ["pcap", "analyze", str(tmp_path / "cut.pcap")])
+    assert cut.exit_code == 2 and "cut.pcap" in cut.output
+    bad = runner.invoke(app, ["pcap", "analyze", str(pcap), "--canary", "novalue"])
+    assert bad.exit_code == 2 and "LABEL=VALUE" in bad.output
