@@ -28,3 +28,13 @@ def test_scrub_tree_rewrites_text_evidence_and_leaves_binaries(tmp_path: Path) -
     assert attachment.read_text() == f"Password : {REDACTED}\n"
     assert clean.read_text() == '{"status": "passed"}'
     assert pcap.read_bytes().endswith(b"virtual-lab-passphrase"), "captures are evidence of a leak, never rewritten"
+
+
+def test_ota_url_tokens_are_cut_to_a_prefix_wherever_they_appear() -> None:
+    """A pre-signed OTA URL is a bearer credential until it expires; nodes print it on their console."""
+    line = ('I (1763) esp_rmaker_ota_using_topics: URL: https://127.0.0.1:38885/ota/'
+            'KBeu2c-sO3O0kpx1BxWh4Ky5VN7OI2gsBiFe_wEhTIE/Bda94qXdoNzb5w-c6fmW1A.bin')
+    scrubbed = SecretRegistry().scrub(line)
+    assert "KBeu2c-sO3O0kpx1BxWh4Ky5VN7OI2gsBiFe_wEhTIE" not in scrubbed
+    assert scrubbed.endswith("/ota/KBeu2c…/Bda94qXdoNzb5w-c6fmW1A.bin")
+    assert SecretRegistry().scrub("see /ota/short/ and /ota/abcdefghijklmnop/") == "see /ota/short/ and /ota/abcdef…/"

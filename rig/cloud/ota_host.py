@@ -64,6 +64,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from rig.cloud.clock import Clock
+from rig.evidence.redaction import redact_url_tokens
 
 __all__ = ["AccessRecord", "OtaFault", "OtaHostError", "OtaImageHost", "PublishedImage", "RangeNotSatisfiable", "parse_byte_range"]
 
@@ -72,7 +73,6 @@ OtaFault = Literal["cut", "stall"]
 log = logging.getLogger(__name__)
 
 _PATH = re.compile(r"^/ota/(?P<token>[A-Za-z0-9_-]{16,128})/(?P<name>[A-Za-z0-9._-]{1,80}\.bin)$")
-_TOKEN_IN_TEXT = re.compile(r"/ota/([A-Za-z0-9_-]+)/")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _CHUNK = 64 * 1024
 _IO_TIMEOUT_S = 30.0
@@ -213,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # http.server's own lines (request line, errors) carry the URL token: redact it.
-        text = _TOKEN_IN_TEXT.sub(lambda m: f"/ota/{m[1][:6]}…/", format % args)
+        text = redact_url_tokens(format % args)
         log.debug("ota-host %s: %s", self.address_string(), text)
 
 

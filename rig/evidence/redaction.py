@@ -4,7 +4,9 @@ PoPs, Wi-Fi passphrases, tokens, HSM PINs and private keys must never reach a lo
 an allure attachment or a report. Every secret the rig learns is registered with a
 :class:`SecretRegistry`; :class:`RedactingFilter` rewrites log records through it, and
 writers of evidence call :meth:`SecretRegistry.scrub` on text before it is saved.
-PEM private-key blocks are removed whether registered or not.
+PEM private-key blocks are removed whether registered or not, and so are the tokens of
+OTA image URLs (``/ota/<token>/``: a pre-signed URL is a bearer credential for the image
+until it expires; the devices print it on their console) down to a 6-character prefix.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ REDACTED = "***"
 _PEM_PRIVATE_KEY = re.compile(
     r"-----BEGIN (?:[A-Z0-9 ]+ )?PRIVATE KEY-----.*?-----END (?:[A-Z0-9 ]+ )?PRIVATE KEY-----", re.DOTALL
 )
+_URL_TOKEN = re.compile(r"/ota/([A-Za-z0-9_-]{6})[A-Za-z0-9_-]{10,}/")
 _MIN_SECRET_LEN = 4  # shorter values would redact ordinary words and numbers
 
 
@@ -34,7 +37,7 @@ class SecretRegistry:
                 self._secrets.add(secret)
 
     def scrub(self, text: str) -> str:
-        text = _PEM_PRIVATE_KEY.sub(f"-----{REDACTED} PRIVATE KEY-----", text)
+        text = redact_url_tokens(_PEM_PRIVATE_KEY.sub(f"-----{REDACTED} PRIVATE KEY-----", text))
         with self._lock:
             ordered = sorted(self._secrets, key=len, reverse=True)
         for s in ordered:
@@ -46,6 +49,11 @@ class SecretRegistry:
 
 
 SECRETS = SecretRegistry()
+
+
+def redact_url_tokens(text: str) -> str:
+    """*text* with every OTA URL token cut to its first 6 characters (``/ota/AbC12x…/``)."""
+    return _URL_TOKEN.sub(lambda m: f"/ota/{m[1]}…/", text)
 
 
 class RedactingFilter(logging.Filter):
