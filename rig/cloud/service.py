@@ -375,8 +375,11 @@ class CloudMqtt:
 
         with self._cond:
             found = self._cond.wait_for(find, timeout)
+            seen = [f"{m.suffix}: {m.detail}" for m in self._handled[after:] if m.node_id == node_id][-8:]
         if found is None:
-            raise TimeoutError(f"cloud service handled no '{suffix}' message from node {node_id} within {timeout:g} s")
+            wanted = f"matching '{suffix}'" if predicate is not None else f"'{suffix}'"
+            raise TimeoutError(f"cloud service handled no {wanted} message from node {node_id} within {timeout:g} s "
+                               f"(from it since then: {'; '.join(seen) or 'nothing'})")  # fmt: skip
         return found
 
     @staticmethod
