@@ -94,6 +94,10 @@ def node_topic(node_id: str, suffix: str, basic_ingest: bool = True) -> str:
     return f"node/{node_id}/{suffix}"
 
 
+LOOP_TURN_S = 0.05
+"""How long one turn of the node's MQTT network loop may wait in ``select`` while it holds the client."""
+
+
 @dataclass(frozen=True)
 class LinkSettings:
     """What the link needs beyond the identity: where it lives and how it is flawed."""
@@ -211,6 +215,12 @@ class CloudLink:
         self._on_published = on_published
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
+        self._io = threading.RLock()
+        """Held around every call into the paho client: a publish from another task would otherwise
+        write to the TLS socket while the network loop writes too (paho's ``loop_write`` pops a
+        packet under its mutex but sends outside it), interleaving two packets — the broker drops
+        the connection with "Protocol error" and the message (``params/local/init``) is lost.
+        esp-mqtt serialises its outbox the same way. Re-entrant: a callback inside the loop may publish."""
         self._connected = threading.Event()
         self._subscriptions: list[str] = []
         self._rng = random.Random()
@@ -314,7 +324,9 @@ class CloudLink:
         # Until CONNACK, run the network loop here; the link counts only once accepted.
         waited = 0.0
         while self._connack_code is None and not self.runtime.halted.is_set() and waited < CONNECT_TIMEOUT_S:
-            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+            with self._io:
+                rc = client.loop(timeout=0.1)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
                 break
             waited += 0.1
         code = self._connack_code
@@ -352,11 +364,14 @@ class CloudLink:
         with self._lock:
             topics = list(self._subscriptions)
         for topic in topics:  # esp_mqtt_glue re-subscribes on every connection
-            client.subscribe(topic, qos=1)
+            with self._io:
+                client.subscribe(topic, qos=1)
         self._on_connected()
         try:
             while not self.runtime.halted.is_set():
-                if client.loop(timeout=0.5) != mqtt.MQTT_ERR_SUCCESS:
+                with self._io:  # short turns, so another task's publish waits at most LOOP_TURN_S
+                    rc = client.loop(timeout=LOOP_TURN_S)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
         finally:
             self._connected.clear()
@@ -369,7 +384,8 @@ class CloudLink:
             client = self._client
         if client is None or not self.connected:
             return None
-        info = client.publish(node_topic(self.identity.node_id, suffix, basic_ingest), payload, qos=1)
+        with self._io:
+            info = client.publish(node_topic(self.identity.node_id, suffix, basic_ingest), payload, qos=1)
         return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def subscribe(self, topic: str) -> None:
@@ -379,4 +395,5 @@ class CloudLink:
                 self._subscriptions.append(topic)
             client = self._client
         if client is not None and self.connected:
-            client.subscribe(topic, qos=1)
+            with self._io:
+                client.subscribe(topic, qos=1)
