@@ -39,8 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rig.cloud.auth import AccessClaims, InvalidCredentials, TokenAuthority, TokenError
 from rig.cloud.clock import Clock, ManualClock
-from rig.cloud.ota_delivery import DeliveryControl, DeliveryPlan, Fault, HostLabel, Transport
-from rig.cloud.ota_host import AccessRecord
+from rig.cloud.ota_delivery import DeliveryControl, DeliveryPlan, HostLabel, Transport
+from rig.cloud.ota_host import OtaFault
 from rig.cloud.service import NodeChannel, NodeUnreachable, OtaImagePublisher, dispatch_ota
 from rig.cloud.store import (
     CloudStore,
@@ -399,7 +399,8 @@ class OtaDeliveryDisarmed(BaseModel):
 
 
 class OtaDeliveryRequestView(BaseModel):
-    """One OTA host access-log record (the path's token redacted to a prefix)."""
+    """One OTA host access-log record (the path's token redacted to a prefix): the fields
+    of :class:`~rig.cloud.ota_host.AccessRecord` the API shows, read from it by attribute."""
 
     time: float
     client: str
@@ -411,7 +412,7 @@ class OtaDeliveryRequestView(BaseModel):
     range: str | None
     bytes_sent: int
     complete: bool
-    fault: Fault | None
+    fault: OtaFault | None
     error: str | None
 
 
@@ -422,7 +423,7 @@ class OtaDeliveryView(BaseModel):
     url_scheme: str
     host: HostLabel
     signed_by: str | None = Field(description="the HSM key label; null when served as uploaded")
-    fault: Fault | None
+    fault: OtaFault | None
     fault_at: int | None
     requests: list[OtaDeliveryRequestView]
     tls_failures: list[OtaDeliveryRequestView] = Field(
@@ -905,23 +906,6 @@ def _delivery(ctx: CloudContext) -> DeliveryControl:
     return ctx.delivery
 
 
-def _request_view(r: AccessRecord) -> OtaDeliveryRequestView:
-    return OtaDeliveryRequestView(
-        time=r.time,
-        client=r.client,
-        scheme=r.scheme,
-        tls_version=r.tls_version,
-        method=r.method,
-        path=r.path,
-        status=r.status,
-        range=r.range,
-        bytes_sent=r.bytes_sent,
-        complete=r.complete,
-        fault=r.fault,
-        error=r.error,
-    )
-
-
 @test_only.post("/ota/delivery", response_model=OtaDeliveryPlanView, responses={404: _ERRORS[404], 503: _ERRORS[503]})
 def arm_ota_delivery(ctx: Ctx, body: OtaDeliveryPlanBody) -> OtaDeliveryPlanView:
     """Arm a one-shot delivery plan for the node's next OTA publish (test mode only): served
@@ -934,16 +918,9 @@ def arm_ota_delivery(ctx: Ctx, body: OtaDeliveryPlanBody) -> OtaDeliveryPlanView
             f"node {body.node_id} is not known to the cloud: it has not reported its config or params nor been mapped yet",
             ErrorCode.NOT_FOUND,
         )
-    plan = DeliveryPlan(**body.model_dump())
-    previous = control.plans.arm(plan)
-    return OtaDeliveryPlanView(
-        node_id=plan.node_id,
-        sign=plan.sign,
-        transport=plan.transport,
-        cut_after=plan.cut_after,
-        stall_after=plan.stall_after,
-        replaced=previous is not None,
-    )
+    fields = body.model_dump()
+    previous = control.plans.arm(DeliveryPlan(**fields))
+    return OtaDeliveryPlanView(**fields, replaced=previous is not None)
 
 
 @test_only.delete("/ota/delivery", response_model=OtaDeliveryDisarmed, responses={503: _ERRORS[503]})
@@ -964,21 +941,7 @@ def ota_deliveries(ctx: Ctx, user: User, ota_job_id: Annotated[str, Query(min_le
     nodes = ctx.store.ota_job_nodes(ota_job_id)
     if not nodes or nodes[0].user_id != user.user_id:
         raise ApiError(404, "OTA job not found", ErrorCode.NOT_FOUND)
-    return [
-        OtaDeliveryView(
-            node_id=d.node_id,
-            sha256=d.sha256,
-            file_size=d.file_size,
-            url_scheme=d.url_scheme,
-            host=d.host,
-            signed_by=d.signed_by,
-            fault=d.fault,
-            fault_at=d.fault_at,
-            requests=[_request_view(r) for r in d.requests],
-            tls_failures=[_request_view(r) for r in d.tls_failures],
-        )
-        for d in control.log.deliveries(ota_job_id)
-    ]
+    return [OtaDeliveryView.model_validate(d, from_attributes=True) for d in control.log.deliveries(ota_job_id)]
 
 
 # --------------------------------------------------------------------------- error handling and limits

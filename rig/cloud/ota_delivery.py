@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
-from rig.cloud.ota_host import AccessRecord, OtaFault, PublishedImage
+from rig.cloud.ota_host import AccessRecord, OtaFault, PublishedImage, delivery_fault
 
 __all__ = [
     "AccessSource",
@@ -30,7 +30,6 @@ __all__ = [
     "DeliveryLog",
     "DeliveryPlan",
     "DeliveryPlans",
-    "Fault",
     "HostLabel",
     "Transport",
 ]
@@ -38,7 +37,6 @@ __all__ = [
 Transport = Literal["https", "http", "unknown_ca"]
 """``https``: the lab OTA host; ``http``: its plain-HTTP listener; ``unknown_ca``: a second
 HTTPS host whose certificate is issued by a CA the node does not trust."""
-Fault = OtaFault
 HostLabel = Literal["lab", "unknown_ca"]
 
 
@@ -64,22 +62,7 @@ class DeliveryPlan:
             raise ValueError("a delivery plan needs a node id")
         if self.transport not in get_args(Transport):
             raise ValueError(f"transport must be one of {', '.join(get_args(Transport))}, got {self.transport!r}")
-        for name in ("cut_after", "stall_after"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a byte offset ≥ 0, got {value!r}")
-        if self.cut_after is not None and self.stall_after is not None:
-            raise ValueError("give at most one of cut_after and stall_after")
-
-    @property
-    def fault(self) -> Fault | None:
-        if self.cut_after is not None:
-            return "cut"
-        return "stall" if self.stall_after is not None else None
-
-    @property
-    def fault_at(self) -> int | None:
-        return self.cut_after if self.cut_after is not None else self.stall_after
+        delivery_fault(self.cut_after, self.stall_after)  # the image size is checked at publish
 
 
 class DeliveryPlans:
@@ -132,7 +115,7 @@ class Delivery:
     host: HostLabel
     signed_by: str | None
     """The HSM key label, or ``None`` when the upload was served unsigned-as-uploaded."""
-    fault: Fault | None
+    fault: OtaFault | None
     fault_at: int | None
     requests: tuple[AccessRecord, ...]
     """Every request for this publish's URL, oldest first."""

@@ -66,7 +66,16 @@ from urllib.parse import urlsplit
 from rig.cloud.clock import Clock
 from rig.evidence.redaction import redact_url_tokens
 
-__all__ = ["AccessRecord", "OtaFault", "OtaHostError", "OtaImageHost", "PublishedImage", "RangeNotSatisfiable", "parse_byte_range"]
+__all__ = [
+    "AccessRecord",
+    "OtaFault",
+    "OtaHostError",
+    "OtaImageHost",
+    "PublishedImage",
+    "RangeNotSatisfiable",
+    "delivery_fault",
+    "parse_byte_range",
+]
 
 OtaFault = Literal["cut", "stall"]
 
@@ -176,14 +185,18 @@ def parse_byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, min(last, size - 1)
 
 
-def _fault(cut_after: int | None, stall_after: int | None, size: int) -> tuple[OtaFault | None, int | None]:
+def delivery_fault(cut_after: int | None, stall_after: int | None, size: int | None = None) -> tuple[OtaFault | None, int | None]:
+    """Check a delivery fault's arguments (at most one, a byte offset ≥ 0, below *size* when
+    given) and return ``(fault, fault_at)``; ``(None, None)`` for none."""
     if cut_after is not None and stall_after is not None:
         raise ValueError("give at most one of cut_after and stall_after")
-    fault: OtaFault | None = "cut" if cut_after is not None else "stall" if stall_after is not None else None
+    fault: OtaFault = "cut" if cut_after is not None else "stall"
     at = cut_after if cut_after is not None else stall_after
     if at is None:
         return None, None
-    if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < size:
+    if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+        raise ValueError(f"{fault}_after must be a byte offset ≥ 0, got {at!r}")
+    if size is not None and at >= size:
         raise ValueError(
             f"{fault}_after={at!r} is not a byte offset inside the {size}-byte image; "
             f"give 0 ≤ N < {size} (the served image's size, after signing)"
@@ -416,7 +429,7 @@ class OtaImageHost:
             raise ValueError("refusing to publish an empty image")
         if scheme not in ("https", "http"):
             raise ValueError(f"scheme must be https or http, got {scheme!r}")
-        fault, fault_at = _fault(cut_after, stall_after, len(image))
+        fault, fault_at = delivery_fault(cut_after, stall_after, len(image))
         https_base = self.url  # raises if not started
         if scheme == "http" and not self.plain_http:
             raise OtaHostError(

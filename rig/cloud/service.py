@@ -375,12 +375,14 @@ class CloudMqtt:
 
         with self._cond:
             found = self._cond.wait_for(find, timeout)
+            if found is not None:
+                return found
             seen = [f"{m.suffix}: {m.detail}" for m in self._handled[after:] if m.node_id == node_id][-8:]
-        if found is None:
-            wanted = f"matching '{suffix}'" if predicate is not None else f"'{suffix}'"
-            raise TimeoutError(f"cloud service handled no {wanted} message from node {node_id} within {timeout:g} s "
-                               f"(from it since then: {'; '.join(seen) or 'nothing'})")  # fmt: skip
-        return found
+        wanted = f"matching '{suffix}'" if predicate is not None else f"'{suffix}'"
+        raise TimeoutError(
+            f"cloud service handled no {wanted} message from node {node_id} within {timeout:g} s "
+            f"(from it since then: {'; '.join(seen) or 'nothing'})"
+        )
 
     @staticmethod
     def _object(body: Any) -> dict[str, Any]:
