@@ -10,7 +10,6 @@ never by value. Exit 0: no hit; 1: a hit; 2: the file cannot be read (one messag
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +17,7 @@ import typer
 from rich.console import Console
 
 from rig.capture import PcapError, analyze, cleartext_hits, flow_report, render_text
+from rig.lab import resolve_secret
 
 pcap_app = typer.Typer(no_args_is_help=True, help="Captures: flows and secrets in clear.")
 err_console = Console(stderr=True)
@@ -29,11 +29,10 @@ def _canaries(specs: list[str]) -> dict[str, str]:
         label, sep, value = spec.partition("=")
         if not sep or not label or not value:
             raise typer.BadParameter(f"{spec.split('=')[0]!r}: give LABEL=VALUE (or LABEL=env:VAR)", param_hint="--canary")
-        if value.startswith("env:"):
-            if value[4:] not in os.environ:
-                raise typer.BadParameter(f"{label}: environment variable {value[4:]} is not set", param_hint="--canary")
-            value = os.environ[value[4:]]
-        canaries[label] = value
+        try:
+            canaries[label] = resolve_secret(value, f"canary {label!r}")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--canary") from None
     return canaries
 
 

@@ -243,6 +243,36 @@ def test_redaction_blanks_every_byte_of_a_hit_and_nothing_else(tmp_path: Path) -
     assert bytes(analyze(kept).flows[0].to_server.chunks[0].data) == b"passphrase=" + stars + b"&hex=" + stars * 2
 
 
+def test_a_kept_block_holds_neither_the_tests_canaries_nor_the_labs_passphrases(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from fixtures.capture import BoardCaptures, CaptureBlock
+    from fixtures.evidence import Evidence
+
+    pop, wifi = "keep-test-pop-7f3a", "keep-test-wifi-91c2"
+    tcp = TcpConversation()
+    raw = tmp_path / "raw" / "prov.pcap"
+    raw.parent.mkdir()
+    write(raw, [*tcp.handshake(), tcp.data(True, 0, b"pop=" + pop.encode() + b"&wifi=" + base64.b64encode(wifi.encode()))])
+    block = CaptureBlock(BoardCaptures(cast(Any, SimpleNamespace(name="vb1")), "lo", raw.parent), "prov",
+                         BoardCapture("lo", SERVER[0], raw))
+    block.started = True
+    assert [h.canary for h in block.cleartext_hits({"the PoP": pop})] == ["the PoP"]
+    with pytest.raises(ValueError, match="too short"):
+        block.cleartext_hits({"pin": "123"})
+    assert list(block.canaries) == ["the PoP"], "a refused canary is not kept for the evidence's redaction"
+
+    kept = tmp_path / "pcaps"
+    block.keep(kept, Evidence(tmp_path / "evidence"), {"Wi-Fi passphrase (lab)": wifi.encode()})
+
+    for pcap in (kept / "prov.pcap", tmp_path / "evidence" / "prov.pcap"):
+        assert cleartext_hits(pcap, {"pop": pop, "wifi": wifi}) == [], pcap
+    report = json.loads((kept / "prov.flows.json").read_text())
+    assert [h["canary"] for h in report["cleartext_hits"]] == ["the PoP"] and report["redacted_hits"] == 2
+    assert pop not in (kept / "prov.flows.json").read_text()
+
+
 # --------------------------------------------------------------------------- broken files
 
 

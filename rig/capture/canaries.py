@@ -110,7 +110,8 @@ class CanaryHit:
                 f" (frame{'s' if len(self.frames) > 1 else ''} {frames}{extra})")
 
 
-def _labelled(canaries: Canaries) -> list[tuple[str, bytes]]:
+def labelled(canaries: Canaries) -> list[tuple[str, bytes]]:
+    """``(label, raw bytes)`` of each canary (bare ones labelled ``canary N``); a missing or too short one is a ValueError."""
     items = list(canaries.items()) if isinstance(canaries, Mapping) else [(f"canary {i + 1}", c) for i, c in enumerate(canaries)]
     result = []
     for label, value in items:
@@ -128,7 +129,7 @@ Patterns = list[tuple[str, Encoding]]
 
 def patterns(canaries: Canaries) -> Patterns:
     """Every ``(label, encoding)`` searched for *canaries*."""
-    return [(label, enc) for label, raw in _labelled(canaries) for enc in encodings(raw)]
+    return [(label, enc) for label, raw in labelled(canaries) for enc in encodings(raw)]
 
 
 def search(data: bytes | bytearray, compiled: Patterns) -> list[tuple[str, str, int, int]]:

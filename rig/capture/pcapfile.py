@@ -83,14 +83,13 @@ def read_pcap(path: str | Path) -> PcapFile:
     for order in "<>":
         magic = struct.unpack_from(order + "I", blob)[0]
         if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
-            records = _read_classic(path, blob, order, 1e-9 if magic == PCAP_MAGIC_NS else 1e-6)
-            linktype = struct.unpack_from(order + "I", blob, 20)[0] & 0x0FFFFFFF
+            records, linktype = _read_classic(path, blob, order, 1e-9 if magic == PCAP_MAGIC_NS else 1e-6)
             return PcapFile(path, "pcap", tuple(records), linktype)
     raise _error(path, f"is not a pcap or pcapng file (it starts with {blob[:4].hex()})",
                  "point at the .pcap/.pcapng file tcpdump or Wireshark wrote")
 
 
-def _read_classic(path: Path, blob: bytes, order: str, tick: float) -> list[Record]:
+def _read_classic(path: Path, blob: bytes, order: str, tick: float) -> tuple[list[Record], int]:
     if len(blob) < PCAP_HEADER_LEN:
         raise _error(path, f"truncated pcap: the file header is cut after {len(blob)} of {PCAP_HEADER_LEN} bytes")
     linktype = struct.unpack_from(order + "I", blob, 20)[0] & 0x0FFFFFFF
@@ -110,7 +109,7 @@ def _read_classic(path: Path, blob: bytes, order: str, tick: float) -> list[Reco
                                f"the file ends after {len(blob) - start}")
         records.append(Record(n, sec + frac * tick, linktype, blob[start:start + incl], max(orig, incl)))
         offset = start + incl
-    return records
+    return records, linktype
 
 
 def _read_pcapng(path: Path, blob: bytes) -> tuple[list[Record], int | None]:
