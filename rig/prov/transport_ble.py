@@ -156,6 +156,15 @@ def unavailable_reason(exc: BaseException) -> str | None:
     return None
 
 
+def _failure(exc: BaseException, problem: str, fix: str, target: str = "") -> BleTransportError:
+    """What *exc* (raised while scanning or connecting) means: :class:`BleUnavailable` when it is about the
+    host's BLE, else a :class:`BleTransportError` saying *problem* (with *exc*) and *fix*."""
+    reason = unavailable_reason(exc)
+    if reason:
+        return BleUnavailable(reason)
+    return BleTransportError(None, f"{problem} ({type(exc).__name__}: {exc})", fix, target=target)
+
+
 def require_bleak() -> None:
     """:class:`BleUnavailable` unless bleak imports."""
     try:
@@ -415,10 +424,13 @@ class BleTransport:
         device is not found, refuses the connection or offers no provisioning service.
         """
         with self._lock:
-            if not self.connected:
-                self._drop()
-                self._connect()
+            self._ensure_connected()
             return {name: full_uuid(char.uuid) for name, char in self.endpoints.items()}
+
+    def _ensure_connected(self) -> None:
+        if not self.connected:
+            self._drop()
+            self._connect()
 
     def _connect(self) -> None:
         try:
@@ -427,11 +439,7 @@ class BleTransport:
             raise BleTransportError(None, f"scanning did not finish within {self.scan_timeout} s", "check the adapter (btmon)",
                                     target=self.target) from exc
         except Exception as exc:
-            reason = unavailable_reason(exc)
-            if reason:
-                raise BleUnavailable(reason) from exc
-            raise BleTransportError(None, f"scanning failed ({type(exc).__name__}: {exc})", "check the adapter (bluetoothctl show)",
-                                    target=self.target) from exc
+            raise _failure(exc, "scanning failed", "check the adapter (bluetoothctl show)", self.target) from exc
         if found is None:
             what = f"named {self.name!r}" if self.name and not self.address else f"with address {self.address}"
             raise BleTransportError(
@@ -449,11 +457,8 @@ class BleTransport:
             raise BleTransportError(None, f"connecting took longer than {self.connect_timeout} s", "move the board closer or reset it",
                                     target=self.target) from exc
         except Exception as exc:
-            reason = unavailable_reason(exc)
-            if reason:
-                raise BleUnavailable(reason) from exc
-            raise BleTransportError(None, f"could not connect ({type(exc).__name__}: {exc})",
-                                    "a device takes one connection at a time: is a phone still connected?", target=self.target) from exc
+            raise _failure(exc, "could not connect", "a device takes one connection at a time: is a phone still connected?",
+                           self.target) from exc
         self.device = device
 
     async def _open(self, client: GattClient, advertised: list[str]) -> None:
@@ -529,7 +534,7 @@ class BleTransport:
             raise BleTransportError(endpoint, f"{len(data)} bytes exceed the {MAX_ATTRIBUTE_LEN}-byte ATT attribute limit",
                                     "a protocomm message over BLE must fit one attribute value", target=self.target)
         with self._lock:
-            self.connect()
+            self._ensure_connected()
             char = self.characteristic(endpoint)
             client = self._client
             assert client is not None
@@ -541,7 +546,7 @@ class BleTransport:
             except Exception as exc:
                 code = _att_error(exc)
                 shown = f"ATT error {code:#04x} ({exc})" if code is not None else f"{type(exc).__name__}: {exc}"
-                if not getattr(client, "is_connected", False):
+                if not client.is_connected:
                     self._link_up = False
                     shown += "; the device dropped the connection (its session is gone)"
                 raise BleTransportError(endpoint, f"the request failed: {shown}", _DROPPED_FIX, target=self.target, att_error=code) from exc
@@ -573,8 +578,4 @@ def probe_ble(adapter: str | None = None, timeout: float = 5.0) -> None:
     try:
         _LOOP.run(start_and_stop(), timeout)
     except Exception as exc:
-        reason = unavailable_reason(exc)
-        if reason:
-            raise BleUnavailable(reason) from exc
-        problem = f"could not start a BLE scan ({type(exc).__name__}: {exc})"
-        raise BleTransportError(None, problem, "check the adapter (bluetoothctl show)") from exc
+        raise _failure(exc, "could not start a BLE scan", "check the adapter (bluetoothctl show)") from exc

@@ -53,6 +53,7 @@ import time
 from typing import Any, Protocol, runtime_checkable
 
 from rig.protocomm.errors import EspErr, ProtocommError
+from rig.prov.console_qr import CONSOLE_BAUD
 from rig.prov.transport_http import TransportError
 
 LINE_END = b"\r"
@@ -60,7 +61,6 @@ LINE_END = b"\r"
 DEFAULT_MAX_LINE = 254
 """The longest request line an ESP-IDF RainMaker console keeps whole (characters before the CR)."""
 DEFAULT_TIMEOUT = 10.0
-CONSOLE_BAUD = 115200
 READ_SLICE_S = 0.05
 """How long one serial ``read`` may block while a deadline is pending."""
 SESSION_ID_MAX = 2**31 - 1

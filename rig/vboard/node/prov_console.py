@@ -60,6 +60,7 @@ from collections.abc import Mapping, Sequence
 
 from rig.protocomm.endpoints import Protocomm
 from rig.protocomm.errors import EndpointFailure, EspErr, ProtocommError
+from rig.protocomm.httpd import NO_SESSION_ID  # PROTOCOMM_NO_SESSION_ID: the console's session before its first request
 from rig.vboard.app import CommandResult, ConsoleCommand, ConsoleCommands, split_argv
 from rig.vboard.node.messages import NodeMsg
 from rig.vboard.node.runtime import NodeRuntime
@@ -70,13 +71,9 @@ ENABLE_KEY = "prov_console"
 """Behaviour-manifest ``extra`` key: ``true`` runs protocomm_console beside the SoftAP transport."""
 LINE_MAX_KEY = "prov_console_line_max"
 """Behaviour-manifest ``extra`` key: the longest console line (characters before CR) the image keeps."""
-LINE_BUF_SIZE = 256
-"""``linebuf[256]`` of RainMaker's console task (and protocomm_console's ``LINE_BUF_SIZE``)."""
 DEFAULT_LINE_MAX = 254
 """rmaker_console.c stops reading at 255 bytes and drops the last one as the CR: 254 characters."""
 LINE_MAX_RANGE = (16, 65536)
-NO_SESSION_ID = 0xFFFFFFFF
-"""``PROTOCOMM_NO_SESSION_ID``: the console's session before its first request."""
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 """``atoi`` is newlib's ``(int) strtol``: it clamps to the 32-bit ``long`` range."""
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -179,8 +176,9 @@ class ProtocommConsole:
         """``common_cmd_handler``."""
         if not self.active:
             return int(EspErr.ESP_OK)  # the transport is gone: as an unknown command, nothing at all
-        if len(" ".join(argv)) > self.line_max:  # the console kept only the start of the line
-            argv = split_argv(" ".join(argv)[: self.line_max])
+        line = " ".join(argv)
+        if len(line) > self.line_max:  # the console kept only the start of the line
+            argv = split_argv(line[: self.line_max])
         if len(argv) < 3:
             return int(EspErr.ESP_ERR_INVALID_ARG)
         session_id = parse_session_id(argv[1])
