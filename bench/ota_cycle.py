@@ -35,7 +35,6 @@ delays count once.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re
@@ -306,17 +305,12 @@ class Cycle:
         return rows
 
 
-def run_cycle(number: int, image: bytes, image_version: str, http: httpx.Client, token: str, node_id: str,
+def run_cycle(number: int, image: bytes, image_version: str, user: RainMakerUser, node_id: str,
               console: ConsoleLog, cloud: CloudLog) -> Cycle:  # fmt: skip
-    auth = {"Authorization": token}
-    up = http.post("/v1/user/otaimage", headers=auth, json={"image_name": f"bench-{image_version}",
-                                                            "base64_fwimage": base64.b64encode(image).decode()})  # fmt: skip
-    up.raise_for_status()
+    image_id = user.upload_ota_image(f"bench-{image_version}", image)["ota_image_id"]
     cloud_mark, line = cloud.mark(), console.mark()
     start = time.monotonic()
-    job = http.post("/v1/user/otajob", headers=auth, json={"ota_image_id": up.json()["ota_image_id"], "node_id": node_id})
-    job.raise_for_status()
-    job_id = job.json()["ota_job_id"]
+    job_id = user.create_ota_job(image_id, node_id)
     final = re.compile(rf"OTA job {re.escape(job_id)}: (success|failed|rejected)")
     end, message = cloud.wait(node_id, "otastatus", cloud_mark, CYCLE_S, lambda m: bool(final.fullmatch(m.detail)))
     if not message.detail.endswith("success"):
@@ -416,7 +410,7 @@ def run(cycles: int, work: Path) -> list[Cycle]:
                 for number, (image_version, image) in enumerate(images, 1):
                     print(f"cycle {number}: {image_version} …", file=sys.stderr)
                     ready = cloud.mark()
-                    cycle = run_cycle(number, image, image_version, http, user.access_token, node_id, console, cloud)
+                    cycle = run_cycle(number, image, image_version, user, node_id, console, cloud)
                     done.append(cycle)
                     cloud.wait(node_id, "otafetch", ready, STEP_S)  # the new image asks again: ready for the next job
         finally:

@@ -426,10 +426,17 @@ class IdfFirmware:
 
 @dataclass(frozen=True)
 class BoardPaths:
+    """Where a virtual board keeps its state: ``<state_dir>/boards/<name>/``."""
+
     root: Path
     flash: Path
     efuse: Path
     lock: Path
+
+    @classmethod
+    def of(cls, state_dir: Path, name: str) -> BoardPaths:
+        root = board_state_dir(Path(state_dir), name)
+        return cls(root, root / "flash.bin", root / "efuse.bin", root / "lock")
 
 
 class BoardBusyError(RuntimeError):
@@ -449,9 +456,8 @@ class VirtualBoard:
         self.name = name
         self.state_dir = Path(state_dir)
         self.address = check_virtual_address(address) if address is not None else default_board_address(name)
-        root = board_state_dir(self.state_dir, name)
-        self.paths = BoardPaths(root, root / "flash.bin", root / "efuse.bin", root / "lock")
-        root.mkdir(parents=True, exist_ok=True)
+        self.paths = BoardPaths.of(self.state_dir, name)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

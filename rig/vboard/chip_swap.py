@@ -17,31 +17,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rig.boards.secure_version_ledger import LEDGER_FILE
-from rig.boards.virtual_ports import board_state_dir
-from rig.vboard.board import BoardBusyError
+from rig.vboard.board import BoardBusyError, BoardPaths
 
-__all__ = ["CHIP_FILES", "replace_chip"]
+__all__ = ["CLAIM_FILES", "replace_chip"]
 
-CHIP_FILES = ("flash.bin", "efuse.bin", "claim.json", "claim", LEDGER_FILE)
-"""What belongs to the chip rather than to the board: flash, eFuses, the identity written to
-``fctry`` (:mod:`rig.boards.claim`) and the SECURE_VERSION ledger."""
+CLAIM_FILES = ("claim.json", "claim")
+"""The identity written to ``fctry`` (:mod:`rig.boards.claim`): its record and its work folder."""
 
 
 def replace_chip(state_dir: Path, name: str, now: datetime | None = None) -> Path | None:
     """Retire virtual board *name*'s chip; returns the folder its files moved to (``None``: the
-    board never ran, it has no chip yet). Refused while the board runs (its lock is held)."""
-    root = board_state_dir(Path(state_dir), name)
-    present = [root / f for f in CHIP_FILES if (root / f).exists()]
+    board never ran, it has no chip yet). Refused while the board runs (its lock is held).
+
+    What belongs to the chip rather than to the board: its flash and eFuses (:class:`BoardPaths`),
+    its claim and its SECURE_VERSION ledger."""
+    paths = BoardPaths.of(state_dir, name)
+    chip = (paths.flash, paths.efuse, *(paths.root / f for f in (*CLAIM_FILES, LEDGER_FILE)))
+    present = [path for path in chip if path.exists()]
     if not present:
         return None
-    lock = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BoardBusyError(f"virtual board {name!r} is running; stop it first (`rig down`, or end its `rig vboard serve`)") from None
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-        retired = root / "retired" / stamp
+        retired = paths.root / "retired" / stamp
         retired.mkdir(parents=True, exist_ok=False)
         for path in present:
             shutil.move(path, retired / path.name)

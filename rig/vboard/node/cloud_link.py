@@ -94,8 +94,9 @@ def node_topic(node_id: str, suffix: str, basic_ingest: bool = True) -> str:
     return f"node/{node_id}/{suffix}"
 
 
-LOOP_TURN_S = 0.05
-"""How long one turn of the node's MQTT network loop may wait in ``select`` while it holds the client."""
+LOOP_TURN_S = 0.5
+"""How long one turn of the node's MQTT network loop may wait in ``select`` (a publish from
+another task wakes it at once)."""
 
 
 @dataclass(frozen=True)
@@ -215,12 +216,6 @@ class CloudLink:
         self._on_published = on_published
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
-        self._io = threading.RLock()
-        """Held around every call into the paho client: a publish from another task would otherwise
-        write to the TLS socket while the network loop writes too (paho's ``loop_write`` pops a
-        packet under its mutex but sends outside it), interleaving two packets — the broker drops
-        the connection with "Protocol error" and the message (``params/local/init``) is lost.
-        esp-mqtt serialises its outbox the same way. Re-entrant: a callback inside the loop may publish."""
         self._connected = threading.Event()
         self._subscriptions: list[str] = []
         self._rng = random.Random()
@@ -283,6 +278,12 @@ class CloudLink:
         client.on_connect = self._connack
         client.on_message = lambda _c, _u, message: self._on_message(message.topic, bytes(message.payload))
         client.on_publish = lambda _c, _u, mid, _rc, _p: self._on_published(mid)
+        # Only the network loop writes to the socket. Without this hook paho's publish/subscribe
+        # send on the calling task's thread while the loop may be sending too (``loop_write`` pops
+        # a packet under its mutex but sends outside it): two packets interleave on the TLS
+        # socket, the broker drops the connection ("Protocol error") and the message is lost.
+        # With it they only queue and wake the loop's select; esp-mqtt's outbox works the same way.
+        client.on_socket_register_write = lambda _c, _u, _sock: None
         return client
 
     def _open(self) -> mqtt.Client:
@@ -324,9 +325,7 @@ class CloudLink:
         # Until CONNACK, run the network loop here; the link counts only once accepted.
         waited = 0.0
         while self._connack_code is None and not self.runtime.halted.is_set() and waited < CONNECT_TIMEOUT_S:
-            with self._io:
-                rc = client.loop(timeout=0.1)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
+            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
                 break
             waited += 0.1
         code = self._connack_code
@@ -364,14 +363,11 @@ class CloudLink:
         with self._lock:
             topics = list(self._subscriptions)
         for topic in topics:  # esp_mqtt_glue re-subscribes on every connection
-            with self._io:
-                client.subscribe(topic, qos=1)
+            client.subscribe(topic, qos=1)
         self._on_connected()
         try:
             while not self.runtime.halted.is_set():
-                with self._io:  # short turns, so another task's publish waits at most LOOP_TURN_S
-                    rc = client.loop(timeout=LOOP_TURN_S)
-                if rc != mqtt.MQTT_ERR_SUCCESS:
+                if client.loop(timeout=LOOP_TURN_S) != mqtt.MQTT_ERR_SUCCESS:
                     break
         finally:
             self._connected.clear()
@@ -384,8 +380,7 @@ class CloudLink:
             client = self._client
         if client is None or not self.connected:
             return None
-        with self._io:
-            info = client.publish(node_topic(self.identity.node_id, suffix, basic_ingest), payload, qos=1)
+        info = client.publish(node_topic(self.identity.node_id, suffix, basic_ingest), payload, qos=1)
         return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def subscribe(self, topic: str) -> None:
@@ -395,5 +390,4 @@ class CloudLink:
                 self._subscriptions.append(topic)
             client = self._client
         if client is not None and self.connected:
-            with self._io:
-                client.subscribe(topic, qos=1)
+            client.subscribe(topic, qos=1)
