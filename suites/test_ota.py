@@ -191,10 +191,12 @@ def test_power_cut_mid_write_keeps_old_app(board: Any, ota: OtaDriver, case: str
     stall = random.Random(board.name).randrange(8192, len(image) - 1)
     ota.evidence.attach_json("power-cut.json", {"stall_after": stall, "image_size": len(image)})
     job = ota.send(image, "next-power-cut", delivery={"stall_after": stall})
-    served = poll_until(lambda: ota.cloud.ota_deliveries(ota.user, job),
-                        lambda d: any(r.get("bytes_sent", 0) >= stall for e in d for r in e.get("requests", [])),
-                        OTA_TIMEOUT_S, 0.2)  # fmt: skip
-    if not any(r.get("bytes_sent", 0) >= stall for e in served for r in e.get("requests", [])):
+
+    def frozen(deliveries: list[dict[str, Any]]) -> bool:
+        return any(r.get("bytes_sent", 0) >= stall for d in deliveries for r in d.get("requests", []))
+
+    served = poll_until(lambda: ota.cloud.ota_deliveries(ota.user, job), frozen, OTA_TIMEOUT_S, 0.2)
+    if not frozen(served):
         pytest.fail(f"INCONCLUSIVE: the node never downloaded {stall} bytes of the image: {served}", pytrace=False)
     ota.dut.serial.hard_reset()
     ota.dut.expect(loaded_from(ota.slots[0]), timeout=BOOT_TIMEOUT_S)

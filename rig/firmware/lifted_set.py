@@ -45,10 +45,10 @@ def _fingerprint(supplied: FirmwareSet) -> str:
     return digest.hexdigest()
 
 
-def lift_set(supplied: FirmwareSet, floor: int, signer: SignerLike, dest: Path) -> FirmwareSet:
+def lift_set(supplied: FirmwareSet, floor: int, signer: SignerLike | None, dest: Path) -> FirmwareSet:
     """*supplied* lifted to *floor* at *dest* (reused when already made from the same builds),
     every changed image signed by *signer* — the key that signed the supplied set, or the
-    board will not boot the result."""
+    board will not boot the result; ``None`` for an unsigned set."""
     versions = lifted_secure_versions(supplied, floor)
     fingerprint = _fingerprint(supplied)
     manifest = dest / LIFT_MANIFEST
