@@ -25,8 +25,9 @@ from rig.firmware.otadata import OtaDataPartition, OtaState
 from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.firmware.secure_boot_v2 import public_key_digest, verify_signed_image
 from rig.firmware.virtual_set import PUBLIC_KEY_FILE, build_virtual_set, ensure_signing_key
-from rig.vboard.board import BoardBusyError
+from rig.vboard.board import BoardBusyError, BoardPaths
 from rig.vboard.chip_swap import replace_chip
+from rig.vboard.efuse import EfuseController
 from tests.suite_runs import REPO, virtual_lab
 
 # --------------------------------------------------------------------------- lifted set
@@ -164,11 +165,12 @@ def test_a_new_chip_retires_the_old_ones_files_and_keeps_them(tmp_path: Path) ->
     root = tmp_path / "boards" / "vb1"
     root.mkdir(parents=True)
     assert replace_chip(tmp_path, "vb1") is None
-    for name, data in {"flash.bin": b"\xff" * 16, "efuse.bin": b"\x01" * 8, LEDGER_FILE: b"{}", "address": b"127.0.1.9"}.items():
+    chip_files = {"flash.bin": b"\xff" * 16, "efuse.bin": b"\x01" * 8, "efuse-read-protected.json": b"{}", LEDGER_FILE: b"{}"}
+    for name, data in {**chip_files, "address": b"127.0.1.9"}.items():
         (root / name).write_bytes(data)
     retired = replace_chip(tmp_path, "vb1", now=datetime(2026, 11, 30, 12, 0, tzinfo=UTC))
     assert retired == root / "retired" / "20261130T120000Z"
-    assert sorted(p.name for p in retired.iterdir()) == sorted(["flash.bin", "efuse.bin", LEDGER_FILE])
+    assert sorted(p.name for p in retired.iterdir()) == sorted(chip_files)
     assert (retired / "efuse.bin").read_bytes() == b"\x01" * 8
     assert not (root / "flash.bin").exists() and (root / "address").read_bytes() == b"127.0.1.9"
     (root / "efuse.bin").write_bytes(b"")
@@ -179,3 +181,19 @@ def test_a_new_chip_retires_the_old_ones_files_and_keeps_them(tmp_path: Path) ->
             replace_chip(tmp_path, "vb1")
     finally:
         os.close(held)
+
+
+def test_a_retired_chip_takes_its_read_protected_keys_along(tmp_path: Path) -> None:
+    """The eFuse file cannot hold a read-protected key; its sidecar does, and is the chip's too."""
+    paths = BoardPaths.of(tmp_path, "vb1")
+    mac = bytes.fromhex("58cf79a1b2c3")
+    EfuseController.open(paths.efuse, mac).write_key(0, "HMAC_UP", bytes(range(32)))
+    assert paths.efuse_read_protected.exists()
+    retired = replace_chip(tmp_path, "vb1", now=datetime(2026, 11, 30, 12, 0, tzinfo=UTC))
+    assert retired is not None
+    assert not paths.efuse.exists() and not paths.efuse_read_protected.exists()
+    old = EfuseController.open(retired / paths.efuse.name, mac)
+    assert old.read_protected_path == retired / paths.efuse_read_protected.name
+    assert old.find_purpose("HMAC_UP") == 0 and len(old.hmac_calculate(0, b"seed")) == 32
+    new = EfuseController.open(paths.efuse, mac)
+    assert new.find_purpose("HMAC_UP") is None and new.find_unused_key_block() == 0

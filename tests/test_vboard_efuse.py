@@ -8,6 +8,8 @@ serial path does (efuse/esp32c3/fields.py, base_fields.py ``burn_words``).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -30,6 +32,7 @@ from rig.vboard.efuse import (
     EfuseController,
     EfuseError,
     EfuseWriteProtected,
+    read_protected_file,
     rs_parity_words,
 )
 from tests.signing_keys import espsecure, generate_keys
@@ -305,6 +308,130 @@ def test_read_protected_key_reads_as_zeros(efuse_file: Path, chip: EfuseControll
     assert fuses["BLOCK_KEY1"]["readable"] is False
     assert fuses["BLOCK_KEY1"]["value"] == " ".join(["??"] * 32)
     assert int(fuses["BLOCK_KEY1"]["raw_value"], 16) == 0
+    # the array keeps what RD_DIS hides: the HMAC peripheral still uses it
+    assert chip.hmac_calculate(1, b"seed") == hmac.new(bytes(range(1, 33)), b"seed", hashlib.sha256).digest()
+
+
+# --------------------------------------------------------------------------- read-protected keys and HMAC
+
+HMAC_KEY = bytes.fromhex("9f3a5c71e2d84b06a1c7f0e35b2d9468c4e1073fa85b2d6e19f4c3a07d5e8b21")
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def file_block(efuse_file: Path, block: int) -> bytes:
+    """The bytes of *block*'s read registers as the --virt file stores them (byte-reversed window)."""
+    blk = BLOCKS[block]
+    return efuse_file.read_bytes()[EFUSE_MEM_SIZE - blk.rd_offset - 4 * blk.words : EFUSE_MEM_SIZE - blk.rd_offset]
+
+
+def test_an_hmac_key_is_hidden_from_espefuse_and_the_file_but_kept(efuse_file: Path, chip: EfuseController) -> None:
+    assert chip.find_purpose("HMAC_UP") is None and chip.find_unused_key_block() == 0
+    chip.write_key(0, "SECURE_BOOT_DIGEST0", bytes(range(32)))
+    assert chip.find_unused_key_block() == 1
+    chip.write_key(2, "HMAC_UP", HMAC_KEY)
+    assert chip.find_purpose("HMAC_UP") == 2 and chip.find_purpose("SECURE_BOOT_DIGEST0") == 0
+    assert chip.find_purpose("XTS_AES_128_KEY") is None
+    assert chip.find_unused_key_block() == 1
+
+    fuses, printed = summary(efuse_file)
+    assert fuses["KEY_PURPOSE_2"]["value"] == "HMAC_UP" and fuses["KEY_PURPOSE_2"]["writeable"] is False
+    assert fuses["BLOCK_KEY2"]["readable"] is False and fuses["BLOCK_KEY2"]["writeable"] is False
+    assert fuses["BLOCK_KEY2"]["value"] == " ".join(["??"] * 32)
+    assert int(fuses["BLOCK_KEY2"]["raw_value"], 16) == 0
+    assert fuses["RD_DIS"]["value"] == 1 << 2
+    assert "Error" not in printed
+    data = efuse_file.read_bytes()
+    assert len(data) == EFUSE_MEM_SIZE and file_block(efuse_file, 6) == bytes(32)
+    assert HMAC_KEY not in data and HMAC_KEY[::-1] not in data  # the file is the window byte-reversed
+    # software reads see zeros; the key lives on in the sidecar, beside the file
+    assert chip.field("BLOCK_KEY2") == bytes(32)
+    assert all(chip.read_reg(EFUSE_BASE + BLOCKS[6].rd_offset + 4 * i) == 0 for i in range(8))
+    sidecar = read_protected_file(efuse_file)
+    assert sidecar == efuse_file.with_name("efuse-read-protected.json") == chip.read_protected_path
+    assert json.loads(sidecar.read_text()) == {"BLOCK_KEY2": HMAC_KEY.hex()}
+
+    message = bytes(range(200))  # several SHA-256 blocks, as the peripheral takes them
+    for board in (chip, EfuseController.open(efuse_file, MAC)):  # the running board, and after a power cycle
+        assert board.hmac_calculate(2, message) == hmac_sha256(HMAC_KEY, message)
+        assert board.hmac_calculate(2, b"") == hmac_sha256(HMAC_KEY, b"")
+        assert board.find_purpose("HMAC_UP") == 2
+
+
+def test_write_key_does_what_esp_efuse_write_key_does(chip: EfuseController) -> None:
+    chip.write_key(1, "HMAC_UP", HMAC_KEY)
+    assert chip.field("KEY_PURPOSE_1") == 8
+    assert chip.field("WR_DIS") == (1 << 24) | (1 << 9)  # BLOCK_KEY1 and KEY_PURPOSE_1
+    assert chip.field("RD_DIS") == 1 << 1
+    # a used block is refused, and nothing is burnt
+    for key_id, purpose in ((1, "HMAC_UP"), (1, "USER")):
+        with pytest.raises(EfuseError, match="in use"):
+            chip.write_key(key_id, purpose, b"\x01" * 32)
+    chip.burn_field("BLOCK_KEY3", b"\x01" * 32)  # data in a USER block: in use too
+    with pytest.raises(EfuseError, match="in use"):
+        chip.write_key(3, "HMAC_UP", HMAC_KEY)
+    with pytest.raises(EfuseError, match="BLOCK_KEY5"):
+        chip.write_key(5, "XTS_AES_128_KEY", HMAC_KEY)  # the C3's BLOCK9 quirk
+    assert chip.field("KEY_PURPOSE_5") == 0 and chip.field("BLOCK_KEY5") == bytes(32)
+    for bad in ((6, "HMAC_UP", HMAC_KEY), (0, "NO_SUCH_PURPOSE", HMAC_KEY), (0, "HMAC_UP", bytes(33))):
+        with pytest.raises(ValueError):
+            chip.write_key(*bad)
+    assert chip.find_unused_key_block() == 0
+    chip.write_key(0, "HMAC_UP", HMAC_KEY[:16])  # a short key fills the block from its start
+    assert chip.hmac_calculate(0, b"m") == hmac_sha256(HMAC_KEY[:16] + bytes(16), b"m")
+    assert chip.find_purpose("HMAC_UP") == 0  # the first block with that purpose
+    assert chip.find_unused_key_block() == 2
+
+
+def test_a_secure_boot_digest_written_as_a_key_stays_readable(efuse_file: Path, chip: EfuseController) -> None:
+    digest = bytes(range(0x40, 0x60))
+    chip.write_key(0, "SECURE_BOOT_DIGEST0", digest)
+    assert chip.field("BLOCK_KEY0") == digest and chip.field("RD_DIS") == 0
+    assert chip.secure_boot_digests() == [digest, None, None]
+    assert chip.field("WR_DIS") == (1 << 23) | (1 << 8)
+    assert not read_protected_file(efuse_file).exists()
+    fuses, _ = summary(efuse_file)
+    assert fuses["BLOCK_KEY0"]["readable"] is True
+    assert fuses["BLOCK_KEY0"]["value"] == key_bytes_as_espefuse_prints(digest)
+
+
+def test_the_hmac_peripheral_refuses_a_key_not_meant_for_it(chip: EfuseController) -> None:
+    chip.write_key(0, "SECURE_BOOT_DIGEST0", bytes(range(32)))
+    chip.write_key(1, "HMAC_DOWN_JTAG", HMAC_KEY)
+    for key_id, purpose in ((0, "SECURE_BOOT_DIGEST0"), (1, "HMAC_DOWN_JTAG"), (2, "USER")):
+        with pytest.raises(EfuseError, match=f"BLOCK_KEY{key_id} has purpose {purpose}, not HMAC_UP"):
+            chip.hmac_calculate(key_id, b"seed")
+    with pytest.raises(ValueError):
+        chip.hmac_calculate(6, b"seed")
+
+
+def test_a_key_read_protected_by_espefuse_is_kept_by_the_running_board(efuse_file: Path, chip: EfuseController) -> None:
+    """espefuse --virt zeroes a block in the file when it burns its RD_DIS; the running
+    chip's array still holds it."""
+    chip.burn_field("BLOCK_KEY4", HMAC_KEY)
+    chip.burn_field("KEY_PURPOSE_4", "HMAC_UP")
+    proc = espefuse(efuse_file, "--do-not-confirm", "read-protect-efuse", "BLOCK_KEY4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert chip.field("BLOCK_KEY4") == bytes(32) and file_block(efuse_file, 8) == bytes(32)
+    assert chip.hmac_calculate(4, b"seed") == hmac_sha256(HMAC_KEY, b"seed")
+    assert EfuseController.open(efuse_file, MAC).hmac_calculate(4, b"seed") == hmac_sha256(HMAC_KEY, b"seed")
+
+
+def test_the_sidecar_belongs_to_the_chip_in_its_file(efuse_file: Path, chip: EfuseController) -> None:
+    chip.write_key(0, "HMAC_UP", HMAC_KEY)
+    sidecar = read_protected_file(efuse_file)
+    # a chip whose eFuse file is gone is a new chip: its predecessor's keys do not carry over
+    efuse_file.unlink()
+    fresh = EfuseController.open(efuse_file, MAC)
+    assert not sidecar.exists() and fresh.find_unused_key_block() == 0
+    # a sidecar that does not parse may be the only copy of a key: refused, not dropped
+    fresh.write_key(0, "HMAC_UP", HMAC_KEY)
+    sidecar.write_text('{"BLOCK_KEY0": "00"}')
+    with pytest.raises(EfuseError, match="read-protected"):
+        EfuseController.open(efuse_file, MAC)
+    assert sidecar.read_text() == '{"BLOCK_KEY0": "00"}'
 
 
 def test_a_reed_solomon_block_is_burnt_once(chip: EfuseController) -> None:
@@ -394,6 +521,8 @@ def test_espefuse_serial_code_path_burns_through_the_registers(efuse_file: Path,
     assert fuses["SECURE_VERSION"]["value"] == 7 and fuses["KEY_PURPOSE_1"]["value"] == "HMAC_UP"
     assert fuses["BLOCK_KEY1"]["readable"] is False
     assert "Error" not in printed
+    # the byte order espefuse burns an HMAC key in is the one the HMAC peripheral uses
+    assert chip.hmac_calculate(1, b"nvs") == hmac.new(key.read_bytes(), b"nvs", hashlib.sha256).digest()
 
 
 def test_espefuse_style_burn_of_block0(chip: EfuseController) -> None:

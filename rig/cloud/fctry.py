@@ -42,7 +42,17 @@ All CRCs are ``esp_rom_crc32_le(0xFFFFFFFF, …)`` = ``zlib.crc32(data, 0xFFFFFF
 The reader is stricter than ESP-IDF's runtime, which silently erases an entry with a
 bad CRC: here any inconsistency is a :class:`FirmwareFormatError` naming the byte
 offset, because a factory partition that fails a check is a rig bug or tampering.
-Encrypted NVS (§8.3) is not handled: its entries would fail the CRC check.
+
+Encrypted NVS (§8.3; esp-idf ``docs/en/api-reference/storage/nvs_encryption.rst``,
+``components/nvs_flash/src/nvs_encrypted_partition.cpp``) is read when the caller passes
+the partition's :class:`~rig.firmware.nvs_encryption.NvsXtsKeys`: every written entry is
+XTS-AES-decrypted with its partition-relative address before it is parsed (page headers
+and bitmaps are never encrypted), and all CRCs are then checked over the plaintext, as
+the firmware computes them. Without keys, a partition none of whose written entries
+passes its CRC raises :class:`NvsEncryptedError` (it looks encrypted); some passing and
+some failing is corruption, an ordinary :class:`FirmwareFormatError`. What can be read
+off an encrypted partition without keys — which entries are written, and their
+ciphertext — is :func:`nvs_written_entries`.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from pathlib import Path
 from rig.cloud.pki import CertPair
 from rig.firmware.errors import FirmwareFormatError
 from rig.firmware.layout import Field, Layout, cstr
+from rig.firmware.nvs_encryption import NvsXtsKeys
 
 __all__ = [
     "FCTRY_KEYS",
@@ -69,11 +80,13 @@ __all__ = [
     "NVS_PAGE_HEADER_LAYOUT",
     "SERVER_CERT_KEY",
     "FctryImage",
+    "NvsEncryptedError",
     "NvsItem",
     "NvsType",
     "build_fctry",
     "entry_crc32",
     "nvs_crc32",
+    "nvs_written_entries",
     "page_header_crc32",
     "read_fctry",
     "read_nvs",
@@ -181,6 +194,16 @@ class NvsItem:
     type: NvsType
     value: bytes
     offset: int
+
+
+class NvsEncryptedError(FirmwareFormatError):
+    """An NVS partition read without keys whose written entries all fail their CRC: it looks encrypted.
+
+    With NVS encryption every entry is XTS-AES ciphertext, so no entry CRC (computed by
+    the firmware over the plaintext) can match; a partition where some entries pass is
+    corrupt instead, an ordinary :class:`FirmwareFormatError`. Read it again with
+    ``keys=`` (:class:`~rig.firmware.nvs_encryption.NvsXtsKeys`).
+    """
 
 
 @dataclass(frozen=True)
@@ -319,8 +342,13 @@ class _Raw:
     offset: int
 
 
-def _parse_page(image: bytes, base: int, what: str) -> tuple[int, list[_Raw]] | None:
-    """The page at *base*: ``(seq_no, entries)``, or None for an uninitialized (erased) page."""
+def _check_partition_size(image: bytes, what: str) -> None:
+    if len(image) == 0 or len(image) % PAGE_SIZE:
+        raise FirmwareFormatError(what, f"size {len(image)} is not a positive multiple of the {PAGE_SIZE}-byte NVS page", 0)
+
+
+def _page_header(image: bytes, base: int, what: str) -> dict[str, int] | None:
+    """The checked header of the page at *base*, or None for an uninitialized (erased) page."""
     header = NVS_PAGE_HEADER_LAYOUT.unpack(image, base, what)
     if header["state"] == PAGE_UNINITIALIZED:
         return None
@@ -330,6 +358,66 @@ def _parse_page(image: bytes, base: int, what: str) -> tuple[int, list[_Raw]] | 
         raise FirmwareFormatError(what, f"page header CRC32 mismatch (stored 0x{header['crc32']:08x})", base + 28)
     if header["version"] not in NVS_VERSIONS:
         raise FirmwareFormatError(what, f"unknown NVS format version byte 0x{header['version']:02x}", base + 8)
+    return header
+
+
+def _impossible_state(what: str, base: int, index: int, state: int) -> FirmwareFormatError:
+    """``0b01`` in the entry-state bitmap: no state ESP-IDF writes (``nvs_page.hpp`` ``EntryState``)."""
+    return FirmwareFormatError(what, f"entry {index} has the impossible state bits 0b{state:02b}", base + BITMAP_OFFSET + index // 4)
+
+
+def _crc_census(image: bytes) -> tuple[int, int]:
+    """``(passed, written)``: written entries, each taken as an item header, whose entry CRC32 matches.
+
+    Lenient on purpose (pages with a bad header are skipped): it only classifies a CRC
+    failure the parser already hit. Data entries are counted too; their chance of passing
+    a CRC by accident is 2^-32, so ``passed == 0`` means no item header is intact.
+    """
+    passed = written = 0
+    for base in range(0, len(image), PAGE_SIZE):  # the size was checked: whole pages
+        header = NVS_PAGE_HEADER_LAYOUT.unpack(image, base)
+        if header["state"] not in READABLE_PAGE_STATES or page_header_crc32(image[base : base + 32]) != header["crc32"]:
+            continue
+        bitmap = image[base + BITMAP_OFFSET : base + BITMAP_OFFSET + 32]
+        for index in range(ENTRY_COUNT):
+            if _entry_state(bitmap, index) == ENTRY_WRITTEN:
+                entry = image[base + FIRST_ENTRY_OFFSET + index * ENTRY_SIZE :][:ENTRY_SIZE]
+                written += 1
+                passed += int(entry_crc32(entry) == NVS_ENTRY_LAYOUT.unpack(entry)["crc32"])
+    return passed, written
+
+
+def _entry_crc_error(image: bytes, what: str, offset: int, stored: int, decrypted: bool) -> FirmwareFormatError:
+    """The error for the entry at *offset* failing its CRC: corruption, or a whole partition in the wrong cipher state."""
+    passed, written = _crc_census(image)
+    if passed:
+        return FirmwareFormatError(what, f"entry CRC32 mismatch (stored 0x{stored:08x})", offset)
+    if decrypted:
+        return FirmwareFormatError(
+            what,
+            f"none of its {written} written entries passes its CRC32 after XTS-AES decryption: "
+            "the keys do not match this partition, or it is not encrypted",
+            offset,
+            "use the keys of this device (its nvs_keys partition, or its HMAC eFuse key), or read a plaintext partition without keys",
+        )
+    return NvsEncryptedError(
+        what,
+        f"none of its {written} written entries passes its CRC32: the partition looks encrypted (NVS encryption, XTS-AES) "
+        "and needs its XTS keys",
+        offset,
+        "pass keys=NvsXtsKeys.from_keys_partition(<nvs_keys partition>) or NvsXtsKeys.from_hmac_key(<eFuse HMAC key>)",
+    )
+
+
+def _parse_page(image: bytes, base: int, what: str, decrypted: bool = False) -> tuple[int, list[_Raw]] | None:
+    """The page at *base*: ``(seq_no, entries)``, or None for an uninitialized (erased) page.
+
+    *image* holds plaintext entries; *decrypted* says they were XTS-decrypted by the
+    caller, which only changes what a CRC failure is blamed on (:func:`_entry_crc_error`).
+    """
+    header = _page_header(image, base, what)
+    if header is None:
+        return None
     bitmap = image[base + BITMAP_OFFSET : base + BITMAP_OFFSET + 32]
     entries: list[_Raw] = []
     index = 0
@@ -340,10 +428,10 @@ def _parse_page(image: bytes, base: int, what: str) -> tuple[int, list[_Raw]] | 
             index += 1
             continue
         if state != ENTRY_WRITTEN:
-            raise FirmwareFormatError(what, f"entry {index} has the impossible state bits 0b{state:02b}", base + BITMAP_OFFSET + index // 4)
+            raise _impossible_state(what, base, index, state)
         entry = NVS_ENTRY_LAYOUT.unpack(image, offset, what)
         if entry_crc32(image[offset : offset + ENTRY_SIZE]) != entry["crc32"]:
-            raise FirmwareFormatError(what, f"entry CRC32 mismatch (stored 0x{entry['crc32']:08x})", offset)
+            raise _entry_crc_error(image, what, offset, entry["crc32"], decrypted)
         try:
             item_type = NvsType(entry["type"])
         except ValueError:
@@ -375,13 +463,56 @@ def _parse_page(image: bytes, base: int, what: str) -> tuple[int, list[_Raw]] | 
     return header["seq_no"], entries
 
 
-def read_nvs_items(image: bytes, what: str = "NVS partition") -> list[NvsItem]:
-    """Every live key of an (unencrypted) NVS partition, in page order; a later write of a key wins."""
-    if len(image) == 0 or len(image) % PAGE_SIZE:
-        raise FirmwareFormatError(what, f"size {len(image)} is not a positive multiple of the {PAGE_SIZE}-byte NVS page", 0)
+def nvs_written_entries(image: bytes, what: str = "NVS partition") -> dict[int, bytes]:
+    """Partition offset → the raw 32 bytes of every entry marked written, in offset order.
+
+    Item headers and the data entries after them alike, neither decrypted nor parsed:
+    what a tester can read off an encrypted partition without its keys (the bitmaps
+    are plaintext), e.g. to compare ciphertext before and after a factory reset. Page
+    headers are checked as :func:`read_nvs_items` checks them; uninitialized pages are
+    skipped.
+    """
+    _check_partition_size(image, what)
+    out: dict[int, bytes] = {}
+    for base in range(0, len(image), PAGE_SIZE):
+        if _page_header(image, base, what) is None:
+            continue
+        bitmap = image[base + BITMAP_OFFSET : base + BITMAP_OFFSET + 32]
+        for index in range(ENTRY_COUNT):
+            state = _entry_state(bitmap, index)
+            offset = base + FIRST_ENTRY_OFFSET + index * ENTRY_SIZE
+            if state == ENTRY_WRITTEN:
+                out[offset] = bytes(image[offset : offset + ENTRY_SIZE])
+            elif state not in (ENTRY_EMPTY, ENTRY_ERASED):
+                raise _impossible_state(what, base, index, state)
+    return out
+
+
+def _decrypt_written_entries(image: bytes, keys: NvsXtsKeys, what: str) -> bytes:
+    """*image* with every written entry XTS-decrypted at its partition offset; headers, bitmaps, empty entries as they are.
+
+    The data entries of a string or blob are marked written like their header
+    (``Page::writeItem``), so they are decrypted too; the parser refuses an item whose
+    data entries are not marked written.
+    """
+    plain = bytearray(image)
+    for offset, raw in nvs_written_entries(image, what).items():
+        plain[offset : offset + ENTRY_SIZE] = keys.decrypt(offset, raw)
+    return bytes(plain)
+
+
+def read_nvs_items(image: bytes, what: str = "NVS partition", keys: NvsXtsKeys | None = None) -> list[NvsItem]:
+    """Every live key of an NVS partition, in page order; a later write of a key wins.
+
+    *keys* reads an encrypted partition (module docstring); without them, an encrypted
+    one raises :class:`NvsEncryptedError`.
+    """
+    _check_partition_size(image, what)
+    if keys is not None:
+        image = _decrypt_written_entries(image, keys, what)
     pages: list[tuple[int, int, list[_Raw]]] = []
     for base in range(0, len(image), PAGE_SIZE):
-        parsed = _parse_page(image, base, what)
+        parsed = _parse_page(image, base, what, decrypted=keys is not None)
         if parsed is not None:
             pages.append((parsed[0], base, parsed[1]))
     pages.sort()
@@ -426,10 +557,13 @@ def read_nvs_items(image: bytes, what: str = "NVS partition") -> list[NvsItem]:
     return list(items.values())
 
 
-def read_nvs(image: bytes, what: str = "NVS partition") -> dict[str, dict[str, bytes]]:
-    """``{namespace: {key: value bytes}}`` of an NVS partition (see :class:`NvsItem` for the value forms)."""
+def read_nvs(image: bytes, what: str = "NVS partition", keys: NvsXtsKeys | None = None) -> dict[str, dict[str, bytes]]:
+    """``{namespace: {key: value bytes}}`` of an NVS partition (see :class:`NvsItem` for the value forms).
+
+    *keys* as for :func:`read_nvs_items`.
+    """
     out: dict[str, dict[str, bytes]] = {}
-    for item in read_nvs_items(image, what):
+    for item in read_nvs_items(image, what, keys):
         out.setdefault(item.namespace, {})[item.key] = item.value
     return out
 

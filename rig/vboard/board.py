@@ -50,7 +50,7 @@ from rig.vboard import slip
 from rig.vboard.app import AppContext, AppExit, AppMain, run_app
 from rig.vboard.bootloader import BootOutcome, run_bootloader
 from rig.vboard.console import LogLevel, format_log_line
-from rig.vboard.efuse import EfuseController
+from rig.vboard.efuse import EfuseController, read_protected_file
 from rig.vboard.flash import FlashStorage
 from rig.vboard.node import NodePlatform, RainMakerFirmware, delay_trace
 from rig.vboard.rfc2217_server import Rfc2217Server
@@ -426,17 +426,22 @@ class IdfFirmware:
 
 @dataclass(frozen=True)
 class BoardPaths:
-    """Where a virtual board keeps its state: ``<state_dir>/boards/<name>/``."""
+    """Where a virtual board keeps its state: ``<state_dir>/boards/<name>/``.
+
+    ``efuse_read_protected`` is the eFuse file's sidecar (:func:`rig.vboard.efuse.read_protected_file`):
+    the content of read-protected key blocks, which the chip keeps and the file cannot."""
 
     root: Path
     flash: Path
     efuse: Path
+    efuse_read_protected: Path
     lock: Path
 
     @classmethod
     def of(cls, state_dir: Path, name: str) -> BoardPaths:
         root = board_state_dir(Path(state_dir), name)
-        return cls(root, root / "flash.bin", root / "efuse.bin", root / "lock")
+        efuse = root / "efuse.bin"
+        return cls(root, root / "flash.bin", efuse, read_protected_file(efuse), root / "lock")
 
 
 class BoardBusyError(RuntimeError):

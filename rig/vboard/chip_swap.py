@@ -4,8 +4,9 @@ On silicon an anti-rollback run burns ``SECURE_VERSION`` bits for good, and the 
 (:mod:`rig.boards.secure_version_ledger`) refuses runs once the 16 are gone; the lab then
 solders a new chip or takes a new board. :func:`replace_chip` is that for a virtual board:
 its next start finds blank flash and factory eFuses (the same MAC — the board keeps its name
-and ``127.0.1.N`` address). Nothing is deleted: the old chip's flash, eFuses, claim and
-ledger move to ``<board>/retired/<UTC time>/``, so the evidence of what was burned stays.
+and ``127.0.1.N`` address). Nothing is deleted: the old chip's flash, eFuses (the file and
+the sidecar holding its read-protected keys), claim and ledger move to
+``<board>/retired/<UTC time>/``, so the evidence of what was burned stays.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def replace_chip(state_dir: Path, name: str, now: datetime | None = None) -> Pat
     """Retire virtual board *name*'s chip; returns the folder its files moved to (``None``: the
     board never ran, it has no chip yet). Refused while the board runs (its lock is held).
 
-    What belongs to the chip rather than to the board: its flash and eFuses (:class:`BoardPaths`),
-    its claim and its SECURE_VERSION ledger."""
+    What belongs to the chip rather than to the board: its flash and eFuses (:class:`BoardPaths`;
+    the eFuse file and its read-protected keys' sidecar, which only together are the chip's fuse
+    array), its claim and its SECURE_VERSION ledger."""
     paths = BoardPaths.of(state_dir, name)
-    chip = (paths.flash, paths.efuse, *(paths.root / f for f in (*CLAIM_FILES, LEDGER_FILE)))
+    chip = (paths.flash, paths.efuse, paths.efuse_read_protected, *(paths.root / f for f in (*CLAIM_FILES, LEDGER_FILE)))
     present = [path for path in chip if path.exists()]
     if not present:
         return None

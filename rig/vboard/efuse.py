@@ -26,8 +26,21 @@ i.e. the register at offset ``o`` is stored big-endian at ``[512-o-4, 512-o)``),
 ``espefuse --chip esp32c3 --virt --path-efuse-file <board>/efuse.bin summary`` shows the
 board's real state. The file is what a power cycle would show: it is rewritten after
 each program command, and re-read when another tool (espefuse ``--virt``) changed it.
-Like espefuse's own emulator, the file cannot hold a read-protected key (its read
-registers are zero), so such a key is not retained.
+
+A read-protected block is where the file and the chip part ways. On the chip the fuse
+array keeps the block and the hardware key users (HMAC, XTS-AES, DS) still read it; only
+software reads — the read registers — see zeros. espefuse's format has no room for that
+(its emulator zeroes such a block: ``emulate_efuse_controller_base.py``
+``check_rd_protection_area``), so the file shows the zeros software sees, and the part
+of the array the file cannot hold, the content of read-protected blocks, lives in a
+sidecar beside it (:func:`read_protected_file`: ``efuse-read-protected.json`` next to
+``efuse.bin``). It is written, atomically, before the file whenever a block's content
+goes behind its RD_DIS bit, and read back at :meth:`EfuseController.open`; the eFuse
+file and the sidecar together are the chip (:mod:`rig.vboard.chip_swap` retires both).
+On top of the array sit the HMAC peripheral in upstream mode
+(:meth:`EfuseController.hmac_calculate`) and ESP-IDF's key-block API
+(:meth:`~EfuseController.write_key`, :meth:`~EfuseController.find_purpose`,
+:meth:`~EfuseController.find_unused_key_block`).
 
 Sources (facts, not code): esp-idf ``components/soc/esp32c3/include/soc/efuse_reg.h``
 (offsets, reset values, bit fields), ``components/efuse/esp32c3/esp_efuse_table.csv``
@@ -35,12 +48,19 @@ and espefuse ``efuse_defs/esp32c3.yaml`` (field positions, write/read-disable bi
 espefuse ``efuse/esp32c3/mem_definition.py`` (blocks, error-register layout including
 the chip's shifted FAIL bits), ``efuse/esp32c3/fields.py`` and ``efuse/base_fields.py``
 (the program/read sequence, RS(44,32) with ``reedsolo``), and
-``efuse/emulate_efuse_controller_base.py`` (the ``--virt`` file format).
+``efuse/emulate_efuse_controller_base.py`` (the ``--virt`` file format); for the key
+API esp-idf ``components/efuse/src/efuse_controller/keys/with_key_purposes/esp_efuse_api_key.c``
+(``esp_efuse_write_key``, ``esp_efuse_key_block_unused``, ``esp_efuse_find_purpose``)
+and for the HMAC peripheral ``components/esp_security/src/esp_hmac.c``
+(``esp_hmac_calculate``; ``components/esp_hw_support`` in older releases).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+import json
 import os
 import struct
 import threading
@@ -95,6 +115,12 @@ KEY_PURPOSES: dict[str, int] = {
 }
 SECURE_BOOT_DIGEST_PURPOSES = (9, 10, 11)
 KEY_BLOCK_COUNT = 6
+# The purposes esp_efuse_write_key read-protects (esp_efuse_api_key.c): keys that only
+# hardware uses. USER, RESERVED and the Secure Boot digests stay readable.
+READ_PROTECTED_PURPOSES = frozenset({"XTS_AES_128_KEY", "HMAC_DOWN_ALL", "HMAC_DOWN_JTAG", "HMAC_DOWN_DIGITAL_SIGNATURE", "HMAC_UP"})
+# SOC_EFUSE_BLOCK9_KEY_PURPOSE_QUIRK (esp-idf soc_caps.h of the C3; espefuse esp32c3
+# fields.py refuses it too): a hardware bug keeps BLOCK_KEY5 from holding an XTS-AES key.
+_NO_XTS_KEY_BLOCK = 5
 
 
 class EfuseError(Exception):
@@ -429,6 +455,22 @@ def field_definition(name: str) -> Field:
 
 # --------------------------------------------------------------------------- file format
 
+READ_PROTECTED_SUFFIX = "-read-protected.json"
+
+
+def read_protected_file(efuse_file: Path) -> Path:
+    """The sidecar of the eFuse file *efuse_file*: ``<stem>-read-protected.json`` beside it
+    (``efuse.bin`` → ``efuse-read-protected.json``).
+
+    It holds what the chip's fuse array keeps of read-protected blocks and espefuse's
+    ``--virt`` format cannot: a JSON object from block name (``"BLOCK_KEY1"``) to the
+    block's 32 bytes in hex, in register byte order as :meth:`EfuseController.field`
+    returns a readable block (a key reads back as the bytes given to
+    :meth:`EfuseController.write_key`). No file means no such block holds anything.
+    """
+    efuse_file = Path(efuse_file)
+    return efuse_file.with_name(efuse_file.stem + READ_PROTECTED_SUFFIX)
+
 
 def _image_to_file(words: list[int]) -> bytes:
     """espefuse --virt layout: the little-endian register window, byte-reversed."""
@@ -462,6 +504,32 @@ def rs_parity_words(data_words: list[int]) -> list[int]:
     return _bytes_to_words(bytes(_RS.encode(data)[_RS_DATA_BYTES:]))
 
 
+def _read_hidden(sidecar: Path) -> dict[int, list[int]]:
+    """The read-protected blocks' content kept in *sidecar* (block index -> words); none
+    when there is no sidecar. A sidecar that does not parse is refused rather than
+    dropped: it may hold the only copy of a key."""
+    try:
+        text = sidecar.read_text()
+    except FileNotFoundError:
+        return {}
+    by_name = {blk.name: blk for blk in BLOCKS if blk.rd_dis_bit is not None}
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        hidden: dict[int, list[int]] = {}
+        for name, value in record.items():
+            if name not in by_name:
+                raise ValueError(f"{name!r} is not a read-protectable block")
+            data = bytes.fromhex(value)
+            if len(data) != 4 * by_name[name].words:
+                raise ValueError(f"{name} holds {len(data)} bytes, not {4 * by_name[name].words}")
+            hidden[by_name[name].index] = _bytes_to_words(data)
+    except (ValueError, TypeError) as exc:
+        raise EfuseError(f"{sidecar}: not a record of read-protected eFuse blocks ({exc})") from None
+    return hidden
+
+
 # --------------------------------------------------------------------------- controller
 
 
@@ -474,14 +542,20 @@ class EfuseController:
     properties), which reads what the read registers show, as firmware would.
     """
 
-    def __init__(self, path: Path, image: list[int]):
-        """Use :meth:`open`; *image* is the register window as loaded from *path*."""
+    def __init__(self, path: Path, image: list[int], hidden: dict[int, list[int]] | None = None):
+        """Use :meth:`open`; *image* is the register window as loaded from *path*, *hidden*
+        the content of read-protected blocks as loaded from its sidecar."""
         self.path = Path(path)
+        self.read_protected_path = read_protected_file(self.path)
+        """The sidecar holding the content of read-protected blocks (:func:`read_protected_file`)."""
         self._lock = threading.RLock()
         # _regs: what the bus reads. _array: the fuse array (and the error status a READ
         # would report), laid out like the read registers; loaded into _regs by READ_CMD.
+        # A read-protected block is zero in both; _hidden (block index -> words) is what
+        # the array really holds there, which only the key-using peripherals see.
         self._regs = list(image)
         self._array = list(image)
+        self._hidden: dict[int, list[int]] = dict(hidden or {})
         self._disk = b""
         for w in range(_WORDS):  # power-on reset of everything but the fuses
             if w not in _NONVOLATILE_WORDS:
@@ -492,7 +566,9 @@ class EfuseController:
         """Power on the chip whose eFuses live in *path*; a missing (or empty) file is a
         factory-fresh ESP32-C3 v0.4 with base MAC *mac* (BLOCK1; the C3 keeps no MAC CRC)
         and blank security fuses. An existing file keeps its state and *mac* is ignored,
-        as a chip's burnt MAC cannot change.
+        as a chip's burnt MAC cannot change; its sidecar (:func:`read_protected_file`)
+        brings back the content of its read-protected blocks. A sidecar left beside a
+        missing file belonged to a chip that is gone, and is removed.
         """
         mac = bytes(mac)
         if len(mac) != 6:
@@ -501,11 +577,15 @@ class EfuseController:
         data = path.read_bytes() if path.exists() else b""
         if not data:
             controller = cls(path, cls._factory_image(mac))
+            controller.read_protected_path.unlink(missing_ok=True)
         elif len(data) < EFUSE_MEM_SIZE:
             raise EfuseError(f"{path}: {len(data)} bytes is not an eFuse image ({EFUSE_MEM_SIZE} bytes)")
         else:
-            controller = cls(path, _file_to_image(data))
+            controller = cls(path, _file_to_image(data), _read_hidden(read_protected_file(path)))
         with controller._lock:
+            controller._apply_read_protection()  # a file from elsewhere may show a hidden block
+            for w in _NONVOLATILE_WORDS:
+                controller._regs[w] = controller._array[w]
             controller._save()
         return controller
 
@@ -629,7 +709,7 @@ class EfuseController:
             new = _words_to_int(pgm_data[: blk.words]) & ~protected
             self._array[base : base + blk.words] = _int_to_words(old | new, blk.words)
         else:
-            old_data = self._array_block(block) + [0] * (8 - blk.words)
+            old_data = self._cells(block) + [0] * (8 - blk.words)
             old_parity = rs_parity_words(old_data)
             data = [o | n for o, n in zip(old_data, pgm_data, strict=True)]
             parity = [o | n for o, n in zip(old_parity, check, strict=True)]
@@ -660,13 +740,34 @@ class EfuseController:
             word = self._array[offset // 4] & ~(1 << bit)
             self._array[offset // 4] = word | int(failed) << bit
 
+    def _read_protected(self, block: int) -> bool:
+        """RD_DIS (as burnt in the array) hides *block* from the read registers."""
+        bit = BLOCKS[block].rd_dis_bit
+        return bit is not None and bool(self._array[BLOCKS[0].rd_offset // 4 + 1] >> bit & 1)
+
+    def _cells(self, block: int) -> list[int]:
+        """What the fuse array holds in *block*, read-protected or not."""
+        if self._read_protected(block):
+            return list(self._hidden.get(block, [0] * BLOCKS[block].words))
+        return self._array_block(block)
+
     def _apply_read_protection(self) -> None:
-        """A read-disabled block reads as zeros; the image cannot keep it either."""
-        rd_dis = self._array[BLOCKS[0].rd_offset // 4 + 1] & 0x7F
+        """A read-disabled block reads as zeros, and the file must show it so; what the
+        array holds there goes to the sidecar first (ORed with what it kept: a fuse only
+        goes 0 -> 1), so the key-using peripherals still find it after a power cycle."""
+        changed = False
         for blk in BLOCKS:
-            if blk.rd_dis_bit is not None and rd_dis >> blk.rd_dis_bit & 1:
-                base = blk.rd_offset // 4
-                self._array[base : base + blk.words] = [0] * blk.words
+            if not self._read_protected(blk.index):
+                continue
+            base = blk.rd_offset // 4
+            kept = self._hidden.get(blk.index, [0] * blk.words)
+            merged = [k | a for k, a in zip(kept, self._array[base : base + blk.words], strict=True)]
+            if merged != kept:
+                self._hidden[blk.index] = merged
+                changed = True
+            self._array[base : base + blk.words] = [0] * blk.words
+        if changed:
+            self._save_hidden()
 
     def _load(self) -> None:
         """READ_CMD: the read registers take the array's content and error status."""
@@ -687,9 +788,19 @@ class EfuseController:
         os.replace(tmp, self.path)
         self._disk = data
 
+    def _save_hidden(self) -> None:
+        """Write the sidecar (:func:`read_protected_file`) atomically, like :meth:`_save`."""
+        record = {BLOCKS[b].name: _words_to_bytes(words).hex() for b, words in sorted(self._hidden.items()) if any(words)}
+        self.read_protected_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.read_protected_path.with_name(self.read_protected_path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.read_protected_path)
+
     def _sync(self) -> None:
         """Adopt the file if another tool (espefuse --virt) burnt into it since we last
-        wrote it: its fuses become the array and, as after a READ, the read registers."""
+        wrote it: its fuses become the array and, as after a READ, the read registers.
+        A block that tool read-protected keeps what the array held (espefuse's emulator
+        zeroes it in the file; the chip does not)."""
         try:
             data = self.path.read_bytes()[:EFUSE_MEM_SIZE]
         except FileNotFoundError:
@@ -698,8 +809,17 @@ class EfuseController:
         if data == self._disk or len(data) < EFUSE_MEM_SIZE:
             return  # unchanged, or another writer is half-way through
         image = _file_to_image(data)
+        before = list(self._array)
         for w in _NONVOLATILE_WORDS:
-            self._array[w] = self._regs[w] = image[w]
+            self._array[w] = image[w]
+        for blk in BLOCKS:
+            if self._read_protected(blk.index):
+                base = blk.rd_offset // 4
+                for w in range(base, base + blk.words):
+                    self._array[w] |= before[w]
+        self._apply_read_protection()
+        for w in _NONVOLATILE_WORDS:
+            self._regs[w] = self._array[w]
         self._disk = data
 
     # ------------------------------------------------------------------ named API
@@ -777,6 +897,107 @@ class EfuseController:
         if not 0 <= value < 1 << f.bits:
             raise ValueError(f"{value:#x} does not fit {f.name} ({f.bits} bits)")
         return value
+
+    # ------------------------------------------------------------------ keys and the HMAC peripheral
+
+    @staticmethod
+    def _check_key_id(key_id: int) -> None:
+        if not 0 <= key_id < KEY_BLOCK_COUNT:
+            raise ValueError(f"key block {key_id} does not exist: the ESP32-C3 has BLOCK_KEY0..{KEY_BLOCK_COUNT - 1}")
+
+    def _key_block_unused(self, key_id: int) -> bool:
+        """ESP-IDF ``esp_efuse_key_block_unused``: purpose USER, neither the purpose nor
+        the key write-protected, the key not read-protected, and the block reads all zero."""
+        wr_dis = int(self.field("WR_DIS"))
+        purpose = field_definition(f"KEY_PURPOSE_{key_id}")
+        key = field_definition(f"BLOCK_KEY{key_id}")
+        assert purpose.wr_dis is not None and key.wr_dis is not None and key.rd_dis is not None
+        return (
+            self.field(purpose.name) == KEY_PURPOSES["USER"]
+            and not wr_dis >> purpose.wr_dis & 1
+            and not int(self.field("RD_DIS")) >> key.rd_dis & 1
+            and not wr_dis >> key.wr_dis & 1
+            and self.field(key.name) == bytes(key.bits // 8)
+        )
+
+    def find_unused_key_block(self) -> int | None:
+        """The first key block (0..5 for BLOCK_KEY0..5) nothing uses yet, as ESP-IDF
+        ``esp_efuse_find_unused_key_block`` picks one (nvs_sec_provider burns its HMAC key
+        there); None when all six are taken."""
+        with self._lock:
+            return next((n for n in range(KEY_BLOCK_COUNT) if self._key_block_unused(n)), None)
+
+    def find_purpose(self, purpose: str) -> int | None:
+        """The first key block (0..5) whose KEY_PURPOSE is *purpose* (a name such as
+        "HMAC_UP"), as ESP-IDF ``esp_efuse_find_purpose`` answers; None when none has it."""
+        if purpose not in KEY_PURPOSES:
+            raise ValueError(f"{purpose!r} is not an ESP32-C3 key purpose ({', '.join(KEY_PURPOSES)})")
+        with self._lock:
+            purposes = self.key_purposes()[:KEY_BLOCK_COUNT]
+            return purposes.index(KEY_PURPOSES[purpose]) if KEY_PURPOSES[purpose] in purposes else None
+
+    def write_key(self, key_id: int, purpose: str, key: bytes) -> None:
+        """Burn *key* into BLOCK_KEY<key_id> for *purpose*, as ESP-IDF ``esp_efuse_write_key``
+        does: the key, then the key block's WR_DIS bit, its RD_DIS bit unless the purpose
+        is a readable one (:data:`READ_PROTECTED_PURPOSES`), then KEY_PURPOSE_<key_id>
+        and its WR_DIS bit. *key* is at most 32 bytes (shorter fills the block from its
+        start; the rest stays zero); a read-protected key stays usable by
+        :meth:`hmac_calculate` and across power cycles (the sidecar).
+
+        Refused with :class:`EfuseError`, burning nothing, where ESP-IDF refuses: a block
+        in use (ESP_ERR_INVALID_STATE: see :meth:`find_unused_key_block`), an XTS-AES key
+        in BLOCK_KEY5 (ESP_ERR_NOT_SUPPORTED, the C3's BLOCK9 quirk), or a
+        write-protected RD_DIS (:class:`EfuseWriteProtected`: the batch would not commit).
+        ``ValueError`` for arguments ESP-IDF calls invalid (ESP_ERR_INVALID_ARG).
+        """
+        self._check_key_id(key_id)
+        if purpose not in KEY_PURPOSES:
+            raise ValueError(f"{purpose!r} is not an ESP32-C3 key purpose ({', '.join(KEY_PURPOSES)})")
+        key = bytes(key)
+        if len(key) > 32:
+            raise ValueError(f"a key block holds 32 bytes, got {len(key)}")
+        key_field = field_definition(f"BLOCK_KEY{key_id}")
+        purpose_field = field_definition(f"KEY_PURPOSE_{key_id}")
+        assert key_field.wr_dis is not None and key_field.rd_dis is not None and purpose_field.wr_dis is not None
+        read_protect = purpose in READ_PROTECTED_PURPOSES
+        with self._lock:
+            if not self._key_block_unused(key_id):
+                raise EfuseError(f"{key_field.name} is in use (a purpose, key or protection is burnt); esp_efuse_write_key refuses it")
+            if key_id == _NO_XTS_KEY_BLOCK and purpose.startswith("XTS_AES"):
+                raise EfuseError(f"{key_field.name} cannot hold an {purpose} key on the ESP32-C3 (SOC_EFUSE_BLOCK9_KEY_PURPOSE_QUIRK)")
+            rd_dis_guard = field_definition("RD_DIS").wr_dis
+            if read_protect and rd_dis_guard is not None and int(self.field("WR_DIS")) >> rd_dis_guard & 1:
+                raise EfuseWriteProtected(f"RD_DIS is write-protected; {key_field.name} could not be read-protected")
+            self.burn_field(key_field.name, key.ljust(32, b"\0"))
+            self.burn_field("WR_DIS", 1 << key_field.wr_dis)
+            if read_protect:
+                self.burn_field("RD_DIS", 1 << key_field.rd_dis)
+            self.burn_field(purpose_field.name, purpose)
+            self.burn_field("WR_DIS", 1 << purpose_field.wr_dis)
+
+    def hmac_calculate(self, key_id: int, message: bytes) -> bytes:
+        """HMAC-SHA256 of *message* with the key in BLOCK_KEY<key_id>, by the HMAC
+        peripheral in upstream mode, as ESP-IDF ``esp_hmac_calculate`` returns it.
+
+        The peripheral reads the key from the fuse array, so a read-protected key works
+        (software never sees it); the key bytes are those given to :meth:`write_key`
+        (register byte order, as :meth:`field` shows a readable block). The hardware
+        refuses a block whose KEY_PURPOSE is not HMAC_UP (``hmac_hal_configure`` reports a
+        configuration error, ESP_FAIL): :class:`EfuseError`.
+        """
+        self._check_key_id(key_id)
+        with self._lock:
+            self._sync()
+            purpose = int(self.field(f"KEY_PURPOSE_{key_id}"))
+            if purpose != KEY_PURPOSES["HMAC_UP"]:
+                name = next((n for n, v in KEY_PURPOSES.items() if v == purpose), str(purpose))
+                raise EfuseError(f"HMAC refused: BLOCK_KEY{key_id} has purpose {name}, not HMAC_UP (esp_hmac_calculate: ESP_FAIL)")
+            block = field_definition(f"BLOCK_KEY{key_id}").block
+            key = _words_to_bytes(self._cells(block)) if self._read_protected(block) else self.field(f"BLOCK_KEY{key_id}")
+            assert isinstance(key, bytes)
+            return hmac.new(key, bytes(message), hashlib.sha256).digest()
+
+    # ------------------------------------------------------------------ security properties
 
     @property
     def secure_version(self) -> int:

@@ -51,8 +51,9 @@ _CATALOGUE: tuple[Flaw, ...] = (
          ("5.4-1", "5.5-7"), "rig.vboard.node.provisioning",
          "the UART log prints the received Wi-Fi passphrase (\\tPassword : <pass>) as RainMaker's example does"),
     Flaw("plaintext_nvs", "sensitive data stored unencrypted",
-         ("5.4-1",), None,
-         "Wi-Fi credentials and the user id lie in the nvs partition without NVS encryption"),
+         ("5.4-1",), "rig.vboard.node.nvs_keys",
+         "the image is built without NVS encryption: the Wi-Fi passphrase, the user id and the local-control PoP "
+         "lie in the nvs partition in clear, for anyone with esptool read-flash"),
     Flaw("no_server_cert_check", "improper certificate validation (CWE-295)",
          ("5.5-1", "5.5-2", "5.3-10"), "rig.vboard.node.cloud_link",
          "the MQTT TLS client accepts any server certificate and does not check the host name"),
@@ -79,7 +80,8 @@ _CATALOGUE: tuple[Flaw, ...] = (
          "a malformed params/remote payload makes the firmware panic (Guru Meditation) and reboot"),
     Flaw("factory_reset_keeps_wifi", "incomplete data erasure on factory reset",
          ("5.11-1",), "rig.vboard.node.node",
-         "reset-to-factory erases the nvs partition but rewrites the Wi-Fi credentials, so the node rejoins"),
+         "reset-to-factory erases the app's NVS namespaces one by one and forgets the Wi-Fi driver's: the credentials stay on "
+         "flash, in place, and the node rejoins"),
     Flaw("local_ctrl_no_pop", "missing authentication for a LAN control interface (CWE-306)",
          ("5.1-1", "5.5-4", "5.5-5"), "rig.vboard.node.local_ctrl",
          "local control runs protocomm security 1 without a proof of possession (the Local Control service reports "

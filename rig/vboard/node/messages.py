@@ -260,6 +260,7 @@ class NodeMsg:
     })
 
     # the virtual firmware's own (no ESP-IDF counterpart)
+    NVS_KEYS_FAILED = LogMessage("E", TAG_RIG, "NVS encryption keys unavailable ({reason}); the node does not start")
     UNKNOWN_FLAWS = LogMessage(
         "E", TAG_RIG, "behaviour manifest names unknown flaw(s) {names}; the node does not start. "
         "Fix: rebuild the image with flaws from rig.vboard.flaws.FLAWS"

@@ -70,6 +70,7 @@ from rig.vboard.node.identity import (
 )
 from rig.vboard.node.local_ctrl import LocalControl, start_local_control
 from rig.vboard.node.messages import NodeMsg
+from rig.vboard.node.nvs_keys import NvsKeyError, nvs_keys_for
 from rig.vboard.node.nvs_store import PARAM_VAL_LAYOUT, NvsStore
 from rig.vboard.node.ota_client import OTA_FETCH_DELAY_S, OtaClient, OtaSettings, ota_reboot_delay
 from rig.vboard.node.ota_status import OtaReporter
@@ -240,7 +241,12 @@ class RainMakerNode:
         register_reset_button(self)  # app_driver_init: the BOOT button's Wi-Fi and factory reset
         nvs_part = find_partition(self.ctx.boot.partitions, NVS_PARTITION_NAME)
         if nvs_part is not None:
-            self.nvs = NvsStore(self.ctx.flash, nvs_part)
+            try:
+                keys = nvs_keys_for(self.ctx.efuse, self.flaws)  # type: ignore[arg-type]  # the board's EfuseController
+            except NvsKeyError as exc:
+                self.runtime.log(NodeMsg.NVS_KEYS_FAILED, reason=str(exc))
+                return None
+            self.nvs = NvsStore(self.ctx.flash, nvs_part, keys)
             if self.nvs.recovered_from:
                 log.warning("virtual board %s: nvs partition unreadable, erased as app_main does: %s",
                             self.platform.board, self.nvs.recovered_from)  # fmt: skip
@@ -573,11 +579,14 @@ class RainMakerNode:
             self.mapping.reset()
 
         def erase() -> None:
-            keep = stored_wifi(self.nvs) if self.nvs is not None and "factory_reset_keeps_wifi" in self.flaws else None
-            if self.nvs is not None:
+            if self.nvs is not None and "factory_reset_keeps_wifi" in self.flaws:
+                # the flaw: a hand-written reset that erases the app's namespaces one by one
+                # and forgets the Wi-Fi driver's, whose entries stay where they are
+                for namespace in sorted({item.namespace for item in self.nvs.items()} - {WIFI_NAMESPACE}):
+                    self.nvs.erase_namespace(namespace)
+                self.nvs.commit()
+            elif self.nvs is not None:
                 self.nvs.erase_partition()
-                if keep is not None:
-                    self.save_wifi(*keep)
             self.reboot(REBOOT_DELAY_S)
 
         self.runtime.after(RESET_DELAY_S, "rmaker_reset_tm", erase)
