@@ -35,7 +35,10 @@ from rig.cloud.fctry import build_fctry, read_nvs
 from rig.cloud.pki import SERVICE_IDENTITY, LabPki
 from rig.cloud.stack import LocalStack
 from rig.firmware.build_dir import IdfBuildDir
+from rig.firmware.nvs_encryption import NvsXtsKeys
 from rig.firmware.partition_table import RAINMAKER_4MB
+from rig.vboard.efuse import EfuseController
+from rig.vboard.node.nvs_keys import derived_nvs_keys
 from tests.cloud_fixtures import MqttProbe, tls_context
 from tests.vboard_process import BoardProcess, SerialMonitor, output, pinned_esptool
 
@@ -122,11 +125,20 @@ class Node:
             self.monitor.close()
             self.monitor = None
 
-    def read_nvs(self, dest: Path) -> dict[str, dict[str, bytes]]:
-        """The ``nvs`` partition read back with esptool (into *dest*), namespace → key → value.
-        Leaves the board in download mode: the next :meth:`boot` resets it."""
+    def nvs_keys(self) -> NvsXtsKeys | None:
+        """The keys the board's firmware encrypts NVS with, derived from its chip's HMAC eFuse key
+        (a test may read the virtual chip's files; a rig suite never can), or None before the
+        firmware's first boot made one."""
+        return derived_nvs_keys(EfuseController.open(self.board.efuse_path, bytes(6)))
+
+    def read_nvs(self, dest: Path, *, encrypted: bool = True) -> dict[str, dict[str, bytes]]:
+        """The ``nvs`` partition read back with esptool (into *dest*), namespace → key → value,
+        decrypted with :meth:`nvs_keys` (*encrypted*: the clean firmware's NVS encryption; False
+        for an image built without it). Leaves the board in download mode: the next :meth:`boot`
+        resets it."""
         self.release()
-        return read_nvs(read_flash(self.board, NVS.offset, NVS.size, dest))
+        image = read_flash(self.board, NVS.offset, NVS.size, dest)
+        return read_nvs(image, keys=self.nvs_keys() if encrypted else None)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""The node suites catch the virtual board's flaws in their area (provisioning, factory reset).
+"""The node suites catch the virtual board's flaws in their area (provisioning, factory reset,
+secure storage).
 
 One lab, one board per flawed firmware set (the virtual set's ``base`` with one flaw),
 one pytest run selecting, per board, the test that must catch its flaw — plus the clean
@@ -18,7 +19,8 @@ from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_
 
 PROVISIONING = "suites/test_provisioning.py"
 FACTORY_RESET = "suites/test_factory_reset.py"
-SUITES = (PROVISIONING, FACTORY_RESET)
+SECURE_STORAGE = "suites/test_secure_storage.py"
+SUITES = (PROVISIONING, FACTORY_RESET, SECURE_STORAGE)
 FACTORY_RESET_TEST = "test_factory_reset_erases_user_data_and_keeps_identity"
 VARIANTS = {FACTORY_RESET_TEST: ("console", "boot_button")}
 """Suite tests parametrized beside the board, and their ids (which pytest puts before the
@@ -47,6 +49,10 @@ CAUGHT_BY: dict[str, tuple[str, str, str, str] | list[tuple[str, str, str, str]]
     "static_pop": ("pv-staticpop", PROVISIONING, "test_pop_is_unique_and_not_derivable", "Espressif's example value"),
     "pop_from_mac": ("pv-macpop", PROVISIONING, "test_pop_is_unique_and_not_derivable", "MAC address bytes"),
     "logs_wifi_password": ("pv-logspass", PROVISIONING, "test_provisioning_with_the_pop_reaches_the_cloud", "should not have been matched"),
+    "plaintext_nvs": [  # a new chip: no HMAC key from an earlier clean image either
+        ("st-plainnvs", SECURE_STORAGE, "test_user_secrets_are_not_readable_in_flash", "the Wi-Fi passphrase is readable in clear"),
+        ("st-plainnvs", SECURE_STORAGE, "test_nvs_encryption_key_cannot_be_read_out", "no eFuse key block has purpose HMAC_UP"),
+    ],
     "factory_reset_keeps_wifi": [  # one erase function behind the console command and the BOOT button
         ("fr-keepswifi", FACTORY_RESET, test, "user data survived the factory reset") for test in variant_ids(FACTORY_RESET_TEST)
     ],
