@@ -23,6 +23,7 @@ from rig.firmware.partition_table import RAINMAKER_4MB
 from rig.vboard.app import AppContext, AppExit, ConsoleCommands
 from rig.vboard.board import GpioInput, VirtualBoard
 from rig.vboard.bootloader import BootOutcome, LogMessage, PartitionEntry
+from rig.vboard.efuse import EfuseController
 from rig.vboard.flash import FlashStorage
 from rig.vboard.node import app_reset
 from rig.vboard.node.app_reset import (
@@ -294,7 +295,8 @@ def test_a_node_boot_registers_the_boot_button(tmp_path: Path, monkeypatch: pyte
     boot = BootOutcome(partition=None, image=b"", app_desc=None, behaviour=BehaviourManifest(), otadata=None, halted=False,
                        reason="", partitions=partitions())  # fmt: skip
     flash = FlashStorage(tmp_path / "flash.bin")
-    ctx = AppContext(boot, flash, None, console, ConsoleCommands(console))  # type: ignore[arg-type]
+    efuse = EfuseController.open(tmp_path / "efuse.bin", bytes(6))  # NVS encryption burns its HMAC key here
+    ctx = AppContext(boot, flash, efuse, console, ConsoleCommands(console))
     pin = GpioInput()
     node = RainMakerNode(ctx, NodePlatform("unit", "127.0.1.97", bytes(6), tmp_path / "radio.json", boot_button=pin))
     resets: dict[str, threading.Event] = {"wifi": threading.Event(), "factory": threading.Event()}
