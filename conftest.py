@@ -15,4 +15,5 @@ pytest_plugins = [
     "fixtures.ota",
     "fixtures.anti_rollback",
     "fixtures.capture",
+    "fixtures.impostor",
 ]

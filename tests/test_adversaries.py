@@ -65,10 +65,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPki:
     return LabPki(tmp_path_factory.mktemp("pki"))
 
 
-def ca_key(pki: LabPki) -> Path:
-    return pki.ca_dir / "ca.key"  # LabPki's documented layout: ca/ca.crt, ca/ca.key
-
-
 def verifying_context(pki: LabPki, alpn: bool = True, tls_max: ssl.TLSVersion | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert_path))
     if tls_max is not None:
@@ -111,7 +107,7 @@ def tls_attempt(port: int, ctx: ssl.SSLContext) -> tuple[str, ssl.SSLSocket | ss
 @pytest.fixture(scope="module")
 def adversaries(pki: LabPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TlsAdversary]]:
     state = tmp_path_factory.mktemp("adversaries")
-    started = {kind: TlsAdversary(kind, state, pki.ca_cert_path, ca_key(pki)) for kind in TLS_CASES}
+    started = {kind: TlsAdversary(kind, state, pki.ca_cert_path, pki.ca_key_path) for kind in TLS_CASES}
     for adversary in started.values():
         adversary.start()
     yield started

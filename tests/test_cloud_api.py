@@ -8,6 +8,7 @@ go through a real mosquitto with node certificates instead.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 import socket
@@ -24,7 +25,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from rig.cloud.api import ErrorCode, create_app
+from rig.cloud.api import MAX_RAW_TO_NODE_BYTES, ErrorCode, create_app
 from rig.cloud.api_server import ApiServer, ApiServerError
 from rig.cloud.auth import ACCESS_TOKEN_TTL_S, TokenAuthority, cli_safe_json, decode_jwt, encode_jwt
 from rig.cloud.broker import MosquittoBroker
@@ -52,12 +53,18 @@ class RecordingChannel:
     """The API's way to a node, recorded: (topic, payload) per publish."""
 
     published: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    raw: list[tuple[str, bytes]] = field(default_factory=list)
     fail: bool = False
 
     def publish_to_node(self, node_id: str, suffix: str, payload: dict[str, Any]) -> None:
         if self.fail:
             raise NodeUnreachable("broker down (test)")
         self.published.append((f"node/{node_id}/{suffix}", payload))
+
+    def publish_raw_to_node(self, node_id: str, suffix: str, payload: bytes) -> None:
+        if self.fail:
+            raise NodeUnreachable("broker down (test)")
+        self.raw.append((f"node/{node_id}/{suffix}", payload))
 
 
 @dataclass(frozen=True)
@@ -1100,3 +1107,119 @@ def test_api_server_over_https(tmp_path: Path, lab_pki: LabPki) -> None:
             ApiServer(app, lab_pki, port=server.port).start()
     assert not server.running
     store.close()
+
+
+# --------------------------------------------------------------------------- test-mode raw messages to nodes
+
+RAW_PATH = "/test/mqtt/to-node"
+
+
+def raw_body(payload: bytes, node_id: str = NODE, suffix: str = "params/remote") -> dict[str, str]:
+    return {"node_id": node_id, "suffix": suffix, "payload_base64": base64.b64encode(payload).decode()}
+
+
+@pytest.mark.parametrize(
+    ("payload", "suffix"),
+    [(b'{"Switch": {"Power": tr', "params/remote"), (b"\xff\x00\xfe", "otaurl"), (b"", "to-node"), (b"\x00" * 1024, "params/remote")],
+)
+def test_raw_bytes_reach_the_node_unchanged(stack: Stack, payload: bytes, suffix: str) -> None:
+    stack.map(ALICE)
+    r = stack.client.post(RAW_PATH, json=raw_body(payload, suffix=suffix))
+    assert r.status_code == 200, r.text
+    topic = f"node/{NODE}/{suffix}"
+    assert stack.channel.raw == [(topic, payload)] and stack.channel.published == []
+    assert r.json() == {"node_id": NODE, "topic": topic, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def test_raw_message_answer_never_echoes_the_payload(stack: Stack) -> None:
+    stack.map(ALICE)
+    payload = b"canary-8d1f0c " * 8
+    r = stack.client.post(RAW_PATH, json=raw_body(payload))
+    assert r.status_code == 200 and b"canary" not in r.content and base64.b64encode(payload) not in r.content
+
+
+def test_raw_message_to_an_unknown_node_is_404(stack: Stack) -> None:
+    body = assert_failure(stack.client.post(RAW_PATH, json=raw_body(b"{}", node_id=OTHER_NODE)), 404)
+    assert OTHER_NODE in body["description"] and body["error_code"] == ErrorCode.NOT_FOUND
+    assert stack.channel.raw == []
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"node_id": NODE, "suffix": "params/remote", "payload_base64": "not base64!"}, "base64"),
+        ({"node_id": NODE, "suffix": "params/remote", "payload_base64": "QUJD"[:3]}, "base64"),
+        ({"node_id": NODE, "suffix": "params/remote", "payload_base64": "ü"}, "base64"),
+        ({"node_id": NODE, "suffix": "params/local", "payload_base64": ""}, "suffix"),
+        ({"node_id": NODE, "suffix": "../config", "payload_base64": ""}, "suffix"),
+        ({"node_id": "a/b/#", "suffix": "params/remote", "payload_base64": ""}, "node_id"),
+        ({"node_id": NODE, "suffix": "params/remote"}, "payload_base64"),
+        ({"node_id": NODE, "suffix": "params/remote", "payload_base64": "", "qos": 0}, "qos"),
+        ({"node_id": NODE, "suffix": "params/remote", "payload_base64": 5}, "payload_base64"),
+    ],
+)
+def test_raw_message_validation_is_400(stack: Stack, body: dict[str, Any], named: str) -> None:
+    stack.map(ALICE)
+    failure_body = assert_failure(stack.client.post(RAW_PATH, json=body), 400)
+    assert named in failure_body["description"] and failure_body["error_code"] == ErrorCode.BAD_REQUEST
+    assert stack.channel.raw == []
+
+
+def test_raw_message_size_is_capped_with_413(stack: Stack) -> None:
+    stack.map(ALICE)
+    at_cap = b"A" * MAX_RAW_TO_NODE_BYTES
+    assert stack.client.post(RAW_PATH, json=raw_body(at_cap)).json()["size"] == MAX_RAW_TO_NODE_BYTES
+    body = assert_failure(stack.client.post(RAW_PATH, json=raw_body(at_cap + b"A")), 413)
+    assert "larger than" in body["description"] and body["error_code"] == ErrorCode.BODY_TOO_LARGE
+    body = assert_failure(stack.client.post(RAW_PATH, json=raw_body(b"A" * 100_000)), 413)  # refused before it is parsed
+    assert "larger than" in body["description"]
+    assert stack.channel.raw == [(f"node/{NODE}/params/remote", at_cap)]
+
+
+def test_raw_message_without_a_way_to_the_node_is_503(stack: Stack) -> None:
+    stack.map(ALICE)
+    stack.channel.fail = True
+    body = assert_failure(stack.client.post(RAW_PATH, json=raw_body(b"{}")), 503)
+    assert "broker down (test)" in body["description"] and body["error_code"] == ErrorCode.SERVICE_UNAVAILABLE
+
+    class JsonOnlyChannel:
+        def publish_to_node(self, node_id: str, suffix: str, payload: dict[str, Any]) -> None:
+            raise AssertionError("a raw message must never go out as JSON")
+
+    for mqtt in (None, JsonOnlyChannel()):
+        with TestClient(create_app(stack.store, ManualClock(), mqtt, None, test_mode=True)) as client:
+            body = assert_failure(client.post(RAW_PATH, json=raw_body(b"{}")), 503)
+            assert "cloud MQTT service" in body["description"]
+
+
+def test_raw_message_endpoint_only_in_test_mode(stack: Stack) -> None:
+    stack.map(ALICE)
+    prod = create_app(stack.store, SystemClock(), stack.channel, None, test_mode=False)
+    with TestClient(prod) as client:
+        assert_failure(client.post(RAW_PATH, json=raw_body(b"{}")), 404)
+        assert RAW_PATH not in client.get("/openapi.json").json()["paths"]
+    assert stack.channel.raw == []
+    assert RAW_PATH in stack.client.get("/openapi.json").json()["paths"]
+
+
+def test_e2e_raw_bytes_reach_the_node_through_mosquitto(live: LiveStack, node: MqttProbe) -> None:
+    user = live.store.user_by_email(ALICE)
+    assert user is not None
+    live.store.map_node(E2E_NODE, user.user_id, Role.PRIMARY, live.clock.now())
+    node.subscribe(f"node/{E2E_NODE}/params/remote")
+    payload = b'{"Switch":\x00{"Power": \xff'
+    r = live.client.post(RAW_PATH, json=raw_body(payload, node_id=E2E_NODE))
+    assert r.status_code == 200, r.text
+    assert node.wait_for(f"node/{E2E_NODE}/params/remote").payload == payload
+    # publish_to_node is the JSON form of the same path
+    node.received.clear()
+    live.service.publish_to_node(E2E_NODE, "params/remote", {"Switch": {"Power": False}})
+    assert json.loads(node.wait_for(f"node/{E2E_NODE}/params/remote").payload) == {"Switch": {"Power": False}}
+
+
+def test_e2e_raw_publish_needs_a_connected_service(lab_pki: LabPki) -> None:
+    service = CloudMqtt(CloudStore.in_memory(), ManualClock(), pki=lab_pki, port=1)
+    with pytest.raises(NodeUnreachable, match="not connected"):
+        service.publish_raw_to_node(E2E_NODE, "params/remote", b"x")
+    with pytest.raises(NodeUnreachable, match="invalid node id"):
+        service.publish_raw_to_node("a/#", "params/remote", b"x")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -429,6 +430,37 @@ class OtaDeliveryView(BaseModel):
     tls_failures: list[OtaDeliveryRequestView] = Field(
         description="failed TLS handshakes on the same listener from this publish until the next there (by order: no URL is known yet)"
     )
+
+
+MAX_RAW_TO_NODE_BYTES = 32 * 1024
+"""The largest payload ``POST /test/mqtt/to-node`` sends: room for any malformed-input case a
+suite needs, and, grown by a third in base64, still inside the API's 64 KiB body limit."""
+
+ToNodeSuffix = Literal["params/remote", "otaurl", "to-node"]
+"""The cloud→node topics a RainMaker node subscribes to (rainmaker-protocol.md §1.2; esp-rainmaker
+``src/core/esp_rmaker_mqtt_topics.h``): params writes, OTA URLs, command-response TLV8."""
+
+
+class RawToNodeBody(BaseModel):
+    """Bytes the cloud sends a node as they are (test mode): the stand-in for a buggy or
+    compromised cloud, since RainMaker's own REST API only forwards JSON it validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: NodeId
+    suffix: ToNodeSuffix = Field(description="the topic is node/<node_id>/<suffix>")
+    payload_base64: str = Field(
+        description=f"the payload in standard base64 (RFC 4648 §4), at most {MAX_RAW_TO_NODE_BYTES} bytes decoded; may be empty"
+    )
+
+
+class RawToNodeSent(BaseModel):
+    """What went to the broker: never the payload itself (it may be anything), only its size and digest."""
+
+    node_id: str
+    topic: str
+    size: int = Field(description="payload bytes")
+    sha256: str = Field(description="SHA-256 of the payload, lower-case hex")
 
 
 # --------------------------------------------------------------------------- context and dependencies
@@ -942,6 +974,47 @@ def ota_deliveries(ctx: Ctx, user: User, ota_job_id: Annotated[str, Query(min_le
     if not nodes or nodes[0].user_id != user.user_id:
         raise ApiError(404, "OTA job not found", ErrorCode.NOT_FOUND)
     return [OtaDeliveryView.model_validate(d, from_attributes=True) for d in control.log.deliveries(ota_job_id)]
+
+
+@test_only.post("/mqtt/to-node", response_model=RawToNodeSent, responses={404: _ERRORS[404], 503: _ERRORS[503]})
+def send_raw_to_node(ctx: Ctx, body: RawToNodeBody) -> RawToNodeSent:
+    """Publish raw bytes to a node on ``node/<node_id>/<suffix>``, QoS 1, as they are (test mode only).
+
+    The malformed-input suites' way to a node (EN 303 645 5.13-1, 5.9-1): a node must drop a
+    message it cannot parse and go on, whatever the cloud sends. The answer names the topic,
+    size and SHA-256 of what the broker took; the payload is never echoed or logged."""
+    try:
+        payload = base64.b64decode(body.payload_base64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "payload_base64 is not valid base64 (RFC 4648 §4: A-Z a-z 0-9 + /, = padding)", ErrorCode.BAD_REQUEST) from exc
+    if len(payload) > MAX_RAW_TO_NODE_BYTES:
+        raise ApiError(
+            413,
+            f"the payload of {len(payload)} bytes is larger than the {MAX_RAW_TO_NODE_BYTES} bytes this control sends",
+            ErrorCode.BODY_TOO_LARGE,
+        )
+    if ctx.store.get_node(body.node_id) is None:
+        raise ApiError(
+            404,
+            f"node {body.node_id} is not known to the cloud: it has not reported its config or params nor been mapped yet",
+            ErrorCode.NOT_FOUND,
+        )
+    publish_raw = getattr(ctx.mqtt, "publish_raw_to_node", None)
+    if not callable(publish_raw):
+        raise ApiError(
+            503,
+            "raw messages to nodes need the cloud MQTT service (rig.cloud.service.CloudMqtt), and this API runs without it",
+            ErrorCode.SERVICE_UNAVAILABLE,
+        )
+    topic = f"node/{body.node_id}/{body.suffix}"
+    try:
+        publish_raw(body.node_id, body.suffix, payload)
+    except NodeUnreachable as exc:
+        raise ApiError(503, f"the broker did not take the message for {topic}: {exc} (is the stack running? `rig status`)",
+                       ErrorCode.SERVICE_UNAVAILABLE) from exc  # fmt: skip
+    digest = hashlib.sha256(payload).hexdigest()
+    log.info("test mode: sent %d raw bytes (sha256 %s) on %s", len(payload), digest, topic)
+    return RawToNodeSent(node_id=body.node_id, topic=topic, size=len(payload), sha256=digest)
 
 
 # --------------------------------------------------------------------------- error handling and limits

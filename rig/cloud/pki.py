@@ -182,7 +182,9 @@ class LabPki:
         return self.ca_dir / "ca.crt"
 
     @property
-    def _ca_key_path(self) -> Path:
+    def ca_key_path(self) -> Path:
+        """The CA's private key (0600): what issues node and server certificates — and what the
+        Device-Advisor-style adversaries (``rig.cloud.adversaries``) sign their bad chains with."""
         return self.ca_dir / "ca.key"
 
     @property
@@ -317,9 +319,9 @@ class LabPki:
         return cert.not_valid_before_utc <= now < cert.not_valid_after_utc
 
     def _ensure_ca(self) -> None:
-        if self.ca_cert_path.exists() and self._ca_key_path.exists():
+        if self.ca_cert_path.exists() and self.ca_key_path.exists():
             return
-        if self.ca_cert_path.exists() != self._ca_key_path.exists():
+        if self.ca_cert_path.exists() != self.ca_key_path.exists():
             raise PkiError(
                 f"{self.ca_dir} holds a CA certificate or key but not both; the CA cannot be used. "
                 f"Remove {self.state_dir} to start a fresh lab PKI (every node then needs new credentials)"
@@ -359,14 +361,14 @@ class LabPki:
             .add_extension(ski, critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_atomic(self._ca_key_path, _private_pem(key), 0o600)
+        _write_atomic(self.ca_key_path, _private_pem(key), 0o600)
         _write_atomic(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
         self._write_crl({})
 
     def _ca_key(self) -> ec.EllipticCurvePrivateKey:
-        key = serialization.load_pem_private_key(self._ca_key_path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PkiError(f"{self._ca_key_path} is not the ECDSA key the rig's CA uses")
+            raise PkiError(f"{self.ca_key_path} is not the ECDSA key the rig's CA uses")
         return key
 
     def _issue(self, kind: str, cn: str, key_type: KeyType, server_hosts: list[x509.GeneralName] | None = None) -> CertPair:

@@ -318,13 +318,23 @@ class CloudMqtt:
     # ---- towards nodes
 
     def publish_to_node(self, node_id: str, suffix: str, payload: dict[str, Any], timeout: float = PUBLISH_TIMEOUT_S) -> None:
-        """QoS 1 publish on plain ``node/<node_id>/<suffix>``; returns after the broker's PUBACK."""
+        """QoS 1 publish of *payload* as JSON on plain ``node/<node_id>/<suffix>``; returns after the broker's PUBACK."""
+        self.publish_raw_to_node(node_id, suffix, json.dumps(payload).encode(), timeout)
+
+    def publish_raw_to_node(self, node_id: str, suffix: str, payload: bytes, timeout: float = PUBLISH_TIMEOUT_S) -> None:
+        """QoS 1 publish of *payload* byte for byte on plain ``node/<node_id>/<suffix>``; returns after the broker's PUBACK.
+
+        RainMaker's cloud only ever sends a node JSON it built itself; raw bytes are how the
+        test-mode control ``POST /test/mqtt/to-node`` plays a buggy or compromised cloud, so
+        suites can check that a node survives input it cannot parse (EN 303 645 5.13-1).
+        Raises :class:`NodeUnreachable` when the broker does not take the message.
+        """
         if not _valid_node_id(node_id):
             raise NodeUnreachable(f"invalid node id {node_id!r}")
         client = self._client
         if client is None or not self._connected.is_set():
             raise NodeUnreachable("the cloud service is not connected to the broker")
-        info = client.publish(f"node/{node_id}/{suffix}", json.dumps(payload), qos=1)
+        info = client.publish(f"node/{node_id}/{suffix}", payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise NodeUnreachable(f"publish to node/{node_id}/{suffix} failed: {mqtt.error_string(info.rc)}")
         try:
