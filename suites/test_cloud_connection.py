@@ -106,7 +106,7 @@ def plaintext_flows(flows: list[Flow], address: str) -> list[str]:
         if flow.key.server.port in PLAINTEXT_MQTT_PORTS:
             found.append(f"a TCP connection to {flow.key.server} (plaintext MQTT port)")
             continue
-        first = flow.to_server.first_bytes()
+        first = flow.to_server.first_bytes
         if first and not (first[0] == TLS_HANDSHAKE and len(first) > 1 and first[1] == TLS_MAJOR):
             connect = parse_mqtt_connect(first)
             what = f"an MQTT CONNECT in clear (client id {connect.client_id})" if connect else f"bytes in clear ({first[:8].hex()}…)"
