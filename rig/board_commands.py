@@ -101,7 +101,7 @@ def provision(
     if not aps:
         raise _fail(f"boards.yaml has no wifi: access point {ssid or ''}. Fix: add one under wifi:")
     ap = aps[0]
-    address = board.spec.network_address
+    address = lab.live_address(board.spec)
     if address is None:
         raise _fail(f"board {name!r} has no address: for provisioning. Fix: set address: (its SoftAP IP, e.g. 192.168.4.1)")
     try:

@@ -40,6 +40,7 @@ from rig.boards.virtual_ports import (
     RadioNetwork,
     check_virtual_address,
     default_board_address,
+    published_address,
     published_port,
     radio_network,
 )
@@ -414,6 +415,15 @@ class Lab(_Strict):
         """Where the board answers now: a real board's declared port, a running virtual board's
         published ``rfc2217://`` URL (``None`` while it is not running)."""
         return board.port if board.kind == "esp" else published_port(self.state_dir, board.name)
+
+    def live_address(self, board: BoardSpec) -> str | None:
+        """Where the host reaches the board on the network now: the declared address, else (a
+        virtual board) the address the running board published — the derived one, unless another
+        lab's board held it (:mod:`rig.boards.address_lease`) — or, while it is not running, the
+        derived one."""
+        if board.kind == "virtual" and board.address is None:
+            return published_address(self.state_dir, board.name) or board.network_address
+        return board.network_address
 
     def radio_networks(self) -> list[RadioNetwork]:
         """The ``wifi:`` list as the virtual boards' air (``rig.boards.virtual_ports.write_radio_file``)."""

@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from rig.boards.claim import mqtt_host_value
-from rig.boards.virtual_ports import default_board_address
+from rig.boards.virtual_ports import default_board_address, published_address
 from rig.cloud.fctry import build_fctry, read_nvs
 from rig.cloud.pki import SERVICE_IDENTITY, LabPki
 from rig.cloud.stack import LocalStack
@@ -98,7 +98,7 @@ class Node:
     @property
     def address(self) -> str:
         """The board's own loopback address (DESIGN.md, Board): its servers and connections use it."""
-        return default_board_address(self.board.name)
+        return published_address(self.board.state_dir, self.board.name) or default_board_address(self.board.name)
 
     def console(self) -> SerialMonitor:
         if self.monitor is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from rig.boards.virtual_ports import default_board_address, published_address, radio_network, write_radio_file
+from rig.boards.virtual_ports import published_address, radio_network, write_radio_file
 from rig.cloud.fctry import FCTRY_PARTITION_SIZE, read_fctry
 from rig.cloud.stack import LocalStack
 from rig.firmware.firmware_set import FirmwareSet
@@ -82,7 +82,7 @@ def test_boot_prints_node_id_and_the_provisioning_qr(node_a: Node, state_dir: Pa
     assert f"app_network: If QR code is not visible, copy paste the below URL in a browser.\r\n" \
            f"https://rainmaker.espressif.com/qrcode.html?data={qr}\r\n" in mon.text  # fmt: skip
     assert "Returned from app_main()" not in mon.text  # app_main waits for the network, the console serves meanwhile
-    assert published_address(state_dir, "node-a") == default_board_address("node-a")
+    assert published_address(state_dir, "node-a") is not None  # the derived address, unless another lab's board held it
 
 
 def test_wrong_passphrase_is_an_auth_failure_and_the_passphrase_is_never_printed(node_a: Node) -> None:
@@ -97,7 +97,7 @@ def test_right_passphrase_connects_and_the_cloud_gets_the_config(node_a: Node, s
     assert stack.mqtt is not None and stack.broker is not None and stack.store is not None
     mark, log_mark = stack.mqtt.mark(), stack.broker.log_mark()
     mon = node_a.command(f"wifi-prov {SSID} {PASSPHRASE}")
-    address = default_board_address("node-a")
+    address = node_a.address
     mon.expect(rf"app_network: Connected with IP Address:{re.escape(address)}\r\n", STEP_S)
     mon.expect(r"esp_mqtt_glue: MQTT Connected\r\n", STEP_S)
     mon.expect(r"main_task: Returned from app_main\(\)", STEP_S)

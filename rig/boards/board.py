@@ -54,6 +54,9 @@ class Board:
     address: str | None = None
     """Where the host reaches the board on the network for provisioning and local control: a real
     board's SoftAP address (``address:`` in boards.yaml), a virtual board's own ``127.0.1.N``."""
+    find_address: Callable[[], str | None] | None = None
+    """Where the board is once :attr:`connect` brought it up (a virtual board publishes the address
+    it leased, which is not the derived one when another lab's board holds that)."""
 
     @property
     def name(self) -> str:
@@ -72,6 +75,8 @@ class Board:
     def require_port(self) -> str:
         if self.port is None and self.connect is not None:
             self.port = self.connect()
+            if self.find_address is not None:
+                self.address = self.find_address() or self.address
         if self.port is None:
             hint = (
                 "start it with `rig vboard serve " + self.name + "` or `rig up`"

@@ -178,7 +178,9 @@ def launch_virtual_board(
     line = proc.stdout.readline().decode("utf-8", "replace").strip() if ready else ""
     if not line.startswith("rfc2217://"):
         stop_virtual_board(proc)
-        raise VirtualBoardStartError(f"virtual board '{name}' did not start (it printed {line!r}). Fix: read {log_path}")
+        said = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.startswith("error:")]
+        why = f": {said[-1]}" if said else f" (it printed {line!r})"
+        raise VirtualBoardStartError(f"virtual board '{name}' did not start{why}. Fix: read {log_path}")
     return proc, line
 
 

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rig.boards.address_lease import AddressInUseError, lease_address
 from rig.boards.virtual_ports import address_file, board_state_dir, check_virtual_address, default_board_address, port_file, radio_file
 from rig.vboard import slip
 from rig.vboard.app import AppContext, AppExit, AppMain, run_app
@@ -454,13 +455,14 @@ class VirtualBoard:
     ``start()`` powers it on and opens its serial port; ``close()`` powers it off.
     It implements :class:`rig.vboard.rfc2217_server.SerialLine` for the server.
     *address* is the ``127.0.1.N`` its firmware binds every socket to (default: derived
-    from the name); the firmware's Wi-Fi sees the lab's ``<state_dir>/radio.json``.
+    from the name, or the next free one when another running board holds that); the
+    firmware's Wi-Fi sees the lab's ``<state_dir>/radio.json``.
     """
 
     def __init__(self, name: str, state_dir: Path, firmware: FirmwareRunner | None = None, address: str | None = None) -> None:
         self.name = name
         self.state_dir = Path(state_dir)
-        self.address = check_virtual_address(address) if address is not None else default_board_address(name)
+        wanted = check_virtual_address(address) if address is not None else default_board_address(name)
         self.paths = BoardPaths.of(self.state_dir, name)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -469,6 +471,13 @@ class VirtualBoard:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise BoardBusyError(f"virtual board {name!r} is already running (lock {self.paths.lock})") from None
+        try:  # a derived address another lab's board holds moves on; a chosen one is an error
+            self._lease = lease_address(wanted, movable=address is None, holder=f"{name!r} of {self.state_dir}")
+        except AddressInUseError:
+            os.close(self._lock_fd)
+            raise
+        self.address = self._lease.address
+        """The ``127.0.1.N`` the board leased (:mod:`rig.boards.address_lease`) and publishes."""
         self.mac = board_mac(name)
         known_stubs()  # read esptool's stub images now, not while esptool waits 50 ms for "OHAI"
         self.flash = FlashStorage(self.paths.flash)
@@ -531,6 +540,7 @@ class VirtualBoard:
             if self._thread.is_alive():
                 log.error("virtual board %s: the chip thread ignored the stop request", self.name)
         self.flash.close()
+        self._lease.release()
         os.close(self._lock_fd)
 
     def __enter__(self) -> VirtualBoard:

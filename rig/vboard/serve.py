@@ -23,6 +23,7 @@ import socket
 import sys
 from pathlib import Path
 
+from rig.boards.address_lease import AddressInUseError
 from rig.boards.virtual_ports import check_virtual_address, default_board_address
 from rig.vboard.board import BoardBusyError, VirtualBoard
 
@@ -47,8 +48,7 @@ def address_problem(address: str) -> str | None:
 
 def run_foreground(name: str, state_dir: Path, port: int = 0, announce: bool = True, address: str | None = None) -> int:
     """Serve board *name* until SIGTERM/SIGINT; the exit status for the process."""
-    address = address or default_board_address(name)
-    problem = address_problem(address)
+    problem = address_problem(address or default_board_address(name))
     if problem is not None:
         print(f"error: board {name!r}: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -60,6 +60,9 @@ def run_foreground(name: str, state_dir: Path, port: int = 0, announce: bool = T
         board = VirtualBoard(name, state_dir, address=address)
     except BoardBusyError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except AddressInUseError as exc:
+        print(f"error: board {name!r}: {exc}", file=sys.stderr)
         return EXIT_BUSY
     try:
         try:
