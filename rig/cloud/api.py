@@ -1155,9 +1155,10 @@ def create_app(
 
     *mqtt* is the cloud service (:class:`~rig.cloud.service.CloudMqtt`, or anything with its
     ``publish_to_node``); *ota* the OTA image host. The ``/test/*`` paths exist only with
-    *test_mode*: ``POST /test/clock/advance`` (moves only a :class:`~rig.cloud.clock.ManualClock`)
-    and ``/test/ota/delivery`` / ``/test/ota/deliveries`` (answer 503 without *ota_delivery*,
-    the plans and log *ota*'s publisher uses). OpenAPI is served at ``/openapi.json``.
+    *test_mode*: ``POST /test/clock/advance`` (moves only a :class:`~rig.cloud.clock.ManualClock`),
+    ``/test/ota/delivery`` / ``/test/ota/deliveries`` (answer 503 without *ota_delivery*,
+    the plans and log *ota*'s publisher uses) and ``POST /test/mqtt/to-node`` (raw bytes to a
+    node, as a buggy or compromised cloud would send them). OpenAPI is served at ``/openapi.json``.
     """
     app = FastAPI(
         title="rig local cloud (ESP RainMaker v1 stand-in)",

@@ -6,7 +6,9 @@ node→cloud topic in both forms a RainMaker node uses — plain ``node/<id>/<su
 basic-ingest ``$aws/rules/<rule>/node/<id>/<suffix>`` (esp-rainmaker
 ``src/mqtt/esp_rmaker_mqtt.c`` ``esp_rmaker_create_mqtt_topic``; rule names from
 ``src/core/esp_rmaker_mqtt_topics.h``) — and keeps the store up to date. Towards nodes it
-publishes only on plain ``node/<id>/params/remote`` and ``node/<id>/otaurl``.
+publishes only on plain ``node/<id>/params/remote`` and ``node/<id>/otaurl`` — JSON it built,
+except what the REST API's test control ``POST /test/mqtt/to-node`` asks it to send as given
+(:meth:`CloudMqtt.publish_raw_to_node`, test mode only).
 
 The node id of a message is the one in the topic: the broker lets a node publish only
 under its own id (client id = certificate CN), so the topic is authenticated and a
