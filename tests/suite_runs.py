@@ -5,7 +5,9 @@
 * :func:`run_suites` — pytest on suite test ids in its own process, its own lab and run folder;
 * :func:`failure_report` — what one test's failure raised, to tell a flaw caught on its check from
   a test that failed on the way there (a timeout under load, a lab fault);
-* :func:`failure_excerpt` — every failure's headers and ``E`` lines, for an assertion message.
+* :func:`failure_excerpt` — every failure's headers and ``E`` lines, for an assertion message;
+* :func:`run_clean_and_flawed`, :func:`assert_passed`, :func:`assert_failed_on` — the shape every
+  suite meta-test has: a clean board passes, each flawed board fails the right check.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from rig.firmware.flawed_set import write_flawed_build
+from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_TIMEOUT_S = 900.0
@@ -80,3 +85,30 @@ def failure_excerpt(stdout: str, limit: int = 80) -> str:
     flaw caught from a test that failed for another reason (a timeout under load, a lab fault)."""
     lines = _WHY.findall(stdout)
     return "\n".join(lines[:limit]) or stdout[-3000:]
+
+
+def run_clean_and_flawed(root: Path, lab: str, boards: Mapping[str, str | None],
+                         selected: Iterable[str]) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The usual meta-test run: the virtual set for each board mapped to None, the set's ``base``
+    with one flaw for each board mapped to a flaw (built once per flaw), one lab *lab* holding them
+    all, and one :func:`run_suites` of *selected* (``suite::test[board]`` ids) in *root*."""
+    key = ensure_signing_key(root / "key.pem")
+    build_virtual_set(root / "sets" / "clean", key)
+    folders: dict[str, Path] = {}
+    for board, flaw in boards.items():
+        if flaw is not None and not (root / "sets" / flaw / "base").exists():
+            write_flawed_build(root / "sets" / flaw / "base", [flaw], key)
+        folders[board] = root / "sets" / (flaw or "clean")
+    return run_suites(list(selected), virtual_lab(root / "boards.yaml", lab, folders), root / "run")
+
+
+def assert_passed(run: subprocess.CompletedProcess[str], suite: str, test_id: str) -> None:
+    """*test_id* (``test[board]``, as the run names it) of *suite* passed."""
+    assert f"PASSED {suite}::{test_id}" in run.stdout, failure_excerpt(run.stdout)
+
+
+def assert_failed_on(run: subprocess.CompletedProcess[str], suite: str, test_id: str, message: str) -> None:
+    """*test_id* of *suite* failed, and on its own check: its failure raised *message*."""
+    assert f"FAILED {suite}::{test_id}" in run.stdout, f"{test_id} did not fail\n{failure_excerpt(run.stdout)}"
+    raised = failure_report(run.stdout, test_id)
+    assert message in raised, f"{test_id} failed, but not on its check ({message!r}): {raised}"

@@ -11,9 +11,7 @@ import subprocess
 
 import pytest
 
-from rig.firmware.flawed_set import write_flawed_build
-from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
-from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_tests, virtual_lab
+from tests.suite_runs import assert_failed_on, assert_passed, run_clean_and_flawed, suite_tests
 
 SUITE = "suites/test_cloud_connection.py"
 CLEAN_BOARD = "cc-clean"
@@ -47,16 +45,10 @@ CATCHES = [(flaw, board, test, message) for flaw, (board, tests) in sorted(CAUGH
 
 @pytest.fixture(scope="module")
 def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
-    root = tmp_path_factory.mktemp("ccsuite")
-    key = ensure_signing_key(root / "key.pem")
-    build_virtual_set(root / "sets" / "clean", key)
-    boards = {CLEAN_BOARD: root / "sets" / "clean"}
-    for flaw, (board, _) in CAUGHT_BY.items():
-        write_flawed_build(root / "sets" / flaw / "base", [flaw], key)
-        boards[board] = root / "sets" / flaw
+    boards: dict[str, str | None] = {CLEAN_BOARD: None} | {board: flaw for flaw, (board, _) in CAUGHT_BY.items()}
     selected = [f"{SUITE}::{run_id(test, CLEAN_BOARD)}" for test in clean_ids()]
     selected += [f"{SUITE}::{run_id(test, board)}" for _, board, test, _ in CATCHES]
-    return run_suites(selected, virtual_lab(root / "boards.yaml", "cloud-connection-meta", boards), root / "run")
+    return run_clean_and_flawed(tmp_path_factory.mktemp("ccsuite"), "cloud-connection-meta", boards, selected)
 
 
 def test_the_suite_has_the_tests_this_meta_test_names() -> None:
@@ -68,12 +60,9 @@ def test_the_suite_has_the_tests_this_meta_test_names() -> None:
 
 def test_clean_board_passes_every_test(suite_run: subprocess.CompletedProcess[str]) -> None:
     for test in clean_ids():
-        assert f"PASSED {SUITE}::{run_id(test, CLEAN_BOARD)}" in suite_run.stdout, failure_excerpt(suite_run.stdout)
+        assert_passed(suite_run, SUITE, run_id(test, CLEAN_BOARD))
 
 
 @pytest.mark.parametrize(("flaw", "board", "test", "message"), CATCHES, ids=[f"{f}-{t.split('[')[1] or 'board'}" for f, _, t, _ in CATCHES])
 def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw: str, board: str, test: str, message: str) -> None:
-    name = run_id(test, board)
-    assert f"FAILED {SUITE}::{name}" in suite_run.stdout, f"{flaw}: {name} did not fail\n{failure_excerpt(suite_run.stdout)}"
-    raised = failure_report(suite_run.stdout, name)
-    assert message in raised, f"{flaw}: {name} failed, but not on its check ({message!r}): {raised}"
+    assert_failed_on(suite_run, SUITE, run_id(test, board), message)

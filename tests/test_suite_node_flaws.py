@@ -13,9 +13,7 @@ import subprocess
 
 import pytest
 
-from rig.firmware.flawed_set import write_flawed_build
-from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
-from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_tests, virtual_lab
+from tests.suite_runs import assert_failed_on, assert_passed, run_clean_and_flawed, suite_tests
 
 PROVISIONING = "suites/test_provisioning.py"
 FACTORY_RESET = "suites/test_factory_reset.py"
@@ -72,17 +70,10 @@ CLEAN_BOARD = "pv-clean"
 
 @pytest.fixture(scope="module")
 def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
-    root = tmp_path_factory.mktemp("nodesuites")
-    key = ensure_signing_key(root / "key.pem")
-    build_virtual_set(root / "sets" / "clean", key)
-    boards = {CLEAN_BOARD: root / "sets" / "clean"}
+    boards: dict[str, str | None] = {CLEAN_BOARD: None} | {board: flaw for flaw, board, *_ in CATCHES}
     selected = [f"{suite}::{on_board(test, CLEAN_BOARD)}" for suite in SUITES for name in suite_tests(suite) for test in variant_ids(name)]
-    for flaw, board, suite, test, _ in CATCHES:
-        if board not in boards:
-            write_flawed_build(root / "sets" / flaw / "base", [flaw], key)
-            boards[board] = root / "sets" / flaw
-        selected.append(f"{suite}::{on_board(test, board)}")
-    return run_suites(selected, virtual_lab(root / "boards.yaml", "flawed-nodes", boards), root / "run")
+    selected += [f"{suite}::{on_board(test, board)}" for _, board, suite, test, _ in CATCHES]
+    return run_clean_and_flawed(tmp_path_factory.mktemp("nodesuites"), "flawed-nodes", boards, selected)
 
 
 def test_the_suites_have_the_tests_this_meta_test_names() -> None:
@@ -97,14 +88,11 @@ def test_the_suites_have_the_tests_this_meta_test_names() -> None:
 def test_clean_board_passes_every_test(suite_run: subprocess.CompletedProcess[str], suite: str) -> None:
     for name in suite_tests(suite):
         for test in variant_ids(name):
-            assert f"PASSED {suite}::{on_board(test, CLEAN_BOARD)}" in suite_run.stdout, failure_excerpt(suite_run.stdout)
+            assert_passed(suite_run, suite, on_board(test, CLEAN_BOARD))
 
 
 @pytest.mark.parametrize(("flaw", "board", "suite", "test", "message"), CATCHES,
                          ids=[flaw if len(catches(flaw)) == 1 else f"{flaw}-{test.replace('[', '-')}" for flaw, _, _, test, _ in CATCHES])
 def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw: str, board: str, suite: str, test: str,
                               message: str) -> None:
-    run_id = on_board(test, board)
-    assert f"FAILED {suite}::{run_id}" in suite_run.stdout, f"{flaw}: {test} did not fail\n{failure_excerpt(suite_run.stdout)}"
-    raised = failure_report(suite_run.stdout, run_id)
-    assert message in raised, f"{flaw}: {test} failed, but not on its check ({message!r}): {raised}"
+    assert_failed_on(suite_run, suite, on_board(test, board), message)

@@ -16,10 +16,8 @@ import subprocess
 import pytest
 
 from rig.cloud.api import MAX_RAW_TO_NODE_BYTES
-from rig.firmware.flawed_set import write_flawed_build
-from rig.firmware.virtual_set import build_virtual_set, ensure_signing_key
 from suites.test_params_input import MALFORMED, POWER, SWITCH
-from tests.suite_runs import failure_excerpt, failure_report, run_suites, suite_tests, virtual_lab
+from tests.suite_runs import assert_failed_on, assert_passed, run_clean_and_flawed, suite_tests
 
 SUITE = "suites/test_params_input.py"
 CLEAN_BOARD = "pi-clean"
@@ -33,15 +31,10 @@ CAUGHT_BY = {
 
 @pytest.fixture(scope="module")
 def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
-    root = tmp_path_factory.mktemp("pisuite")
-    key = ensure_signing_key(root / "key.pem")
-    build_virtual_set(root / "sets" / "clean", key)
-    write_flawed_build(root / "sets" / FLAW / "base", [FLAW], key)
-    lab = virtual_lab(root / "boards.yaml", "params-input-meta",
-                      {CLEAN_BOARD: root / "sets" / "clean", FLAWED_BOARD: root / "sets" / FLAW})  # fmt: skip
     selected = [f"{SUITE}::{name}[{CLEAN_BOARD}]" for name in suite_tests(SUITE)]
     selected += [f"{SUITE}::{name}[{FLAWED_BOARD}]" for name in CAUGHT_BY]
-    return run_suites(selected, lab, root / "run")
+    boards = {CLEAN_BOARD: None, FLAWED_BOARD: FLAW}
+    return run_clean_and_flawed(tmp_path_factory.mktemp("pisuite"), "params-input-meta", boards, selected)
 
 
 def test_the_suite_has_the_tests_this_meta_test_names() -> None:
@@ -64,11 +57,9 @@ def test_the_catalogue_is_malformed_and_fits_the_test_control() -> None:
 
 def test_clean_board_passes_every_params_input_test(suite_run: subprocess.CompletedProcess[str]) -> None:
     for name in suite_tests(SUITE):
-        assert f"PASSED {SUITE}::{name}[{CLEAN_BOARD}]" in suite_run.stdout, failure_excerpt(suite_run.stdout)
+        assert_passed(suite_run, SUITE, f"{name}[{CLEAN_BOARD}]")
 
 
 @pytest.mark.parametrize("test", sorted(CAUGHT_BY))
 def test_a_node_that_panics_on_bad_params_fails_the_suite(suite_run: subprocess.CompletedProcess[str], test: str) -> None:
-    assert f"FAILED {SUITE}::{test}[{FLAWED_BOARD}]" in suite_run.stdout, f"{test} did not fail\n{failure_excerpt(suite_run.stdout)}"
-    raised = failure_report(suite_run.stdout, f"{test}[{FLAWED_BOARD}]")
-    assert CAUGHT_BY[test] in raised, f"{test} failed, but not on its check ({CAUGHT_BY[test]!r}): {raised}"
+    assert_failed_on(suite_run, SUITE, f"{test}[{FLAWED_BOARD}]", CAUGHT_BY[test])
