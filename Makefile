@@ -13,8 +13,10 @@ APT_STAMP   := $(VENV)/.rig-apt
 # (+ libmosquitto-dev, libssl-dev) to build the broker's client-id plugin (rig/cloud/mosquitto_plugin/).
 RMAKER_CLI  := esp-rainmaker-cli==1.14.1
 # Test modules run in parallel, one module per worker (module fixtures stay in one process):
-# most of their time is spent waiting on virtual boards, brokers and subprocesses.
-TEST_WORKERS ?= 2
+# most of their time is spent waiting on virtual boards, brokers and subprocesses, so 4 workers
+# keep 2 cores about 70 % busy. Virtual boards of parallel modules lease distinct addresses
+# (rig/boards/address_lease.py), so their names may derive the same one.
+TEST_WORKERS ?= 4
 APT_PACKAGES := mosquitto softhsm2 tcpdump python3-venv gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 
 .PHONY: install test run lint clean
