@@ -106,6 +106,7 @@ def provision(
         raise _fail(f"board {name!r} has no address: for provisioning. Fix: set address: (its SoftAP IP, e.g. 192.168.4.1)")
     try:
         qr = read_qr_payload(board.require_port())
+        address = lab.live_address(board.spec) or address  # a virtual board started just now publishes where it is
         console.print(f"board {name}: service {qr.name}, security {'2' if qr.username else '1'}, transport {qr.transport}")
         with httpx.Client(base_url=stack.api_url, verify=ssl.create_default_context(cafile=stack.ca_cert), timeout=30) as http:
             cloud_user = RainMakerUser(http, user, password)
