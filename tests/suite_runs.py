@@ -87,18 +87,20 @@ def failure_excerpt(stdout: str, limit: int = 80) -> str:
     return "\n".join(lines[:limit]) or stdout[-3000:]
 
 
-def run_clean_and_flawed(root: Path, lab: str, boards: Mapping[str, str | None],
+def run_clean_and_flawed(root: Path, lab: str, boards: Mapping[str, str | tuple[str, ...] | None],
                          selected: Iterable[str]) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """The usual meta-test run: the virtual set for each board mapped to None, the set's ``base``
-    with one flaw for each board mapped to a flaw (built once per flaw), one lab *lab* holding them
-    all, and one :func:`run_suites` of *selected* (``suite::test[board]`` ids) in *root*."""
+    with the flaw (or flaws) each other board maps to (built once per combination), one lab *lab*
+    holding them all, and one :func:`run_suites` of *selected* (``suite::test[board]`` ids) in *root*."""
     key = ensure_signing_key(root / "key.pem")
     build_virtual_set(root / "sets" / "clean", key)
     folders: dict[str, Path] = {}
-    for board, flaw in boards.items():
-        if flaw is not None and not (root / "sets" / flaw / "base").exists():
-            write_flawed_build(root / "sets" / flaw / "base", [flaw], key)
-        folders[board] = root / "sets" / (flaw or "clean")
+    for board, flaws in boards.items():
+        names = (flaws,) if isinstance(flaws, str) else tuple(flaws or ())
+        folder = root / "sets" / ("+".join(names) or "clean")
+        if names and not (folder / "base").exists():
+            write_flawed_build(folder / "base", list(names), key)
+        folders[board] = folder
     return run_suites(list(selected), virtual_lab(root / "boards.yaml", lab, folders), root / "run")
 
 

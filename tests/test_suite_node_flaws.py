@@ -63,6 +63,13 @@ def catches(flaw: str) -> list[tuple[str, str, str, str]]:
     return entry if isinstance(entry, list) else [entry]
 
 
+PLAIN_NVS_BOARD = "fr-plainnvs"
+PLAIN_NVS_KEEPS_WIFI_BOARD = "fr-plainkeeps"
+PLAIN_NVS_TESTS = [f"{FACTORY_RESET_TEST}[console", "test_short_boot_button_press_resets_only_wifi"]
+"""Where NVS is in clear (a real board built without NVS encryption) the factory-reset suite judges
+by namespace names instead of entry by entry: it must pass such a clean-behaving board, and catch
+``factory_reset_keeps_wifi`` there by name. One reset way is enough: the judging is the same."""
+
 CATCHES = [(flaw, *catch) for flaw in sorted(CAUGHT_BY) for catch in catches(flaw)]
 """(flaw, board, suite, test, message), one per test that must catch a flaw."""
 CLEAN_BOARD = "pv-clean"
@@ -70,9 +77,12 @@ CLEAN_BOARD = "pv-clean"
 
 @pytest.fixture(scope="module")
 def suite_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
-    boards: dict[str, str | None] = {CLEAN_BOARD: None} | {board: flaw for flaw, board, *_ in CATCHES}
+    boards: dict[str, str | tuple[str, ...] | None] = {CLEAN_BOARD: None} | {board: flaw for flaw, board, *_ in CATCHES}
+    boards |= {PLAIN_NVS_BOARD: "plaintext_nvs", PLAIN_NVS_KEEPS_WIFI_BOARD: ("plaintext_nvs", "factory_reset_keeps_wifi")}
     selected = [f"{suite}::{on_board(test, CLEAN_BOARD)}" for suite in SUITES for name in suite_tests(suite) for test in variant_ids(name)]
     selected += [f"{suite}::{on_board(test, board)}" for _, board, suite, test, _ in CATCHES]
+    selected += [f"{FACTORY_RESET}::{on_board(test, PLAIN_NVS_BOARD)}" for test in PLAIN_NVS_TESTS]
+    selected.append(f"{FACTORY_RESET}::{on_board(PLAIN_NVS_TESTS[0], PLAIN_NVS_KEEPS_WIFI_BOARD)}")
     return run_clean_and_flawed(tmp_path_factory.mktemp("nodesuites"), "flawed-nodes", boards, selected)
 
 
@@ -96,3 +106,10 @@ def test_clean_board_passes_every_test(suite_run: subprocess.CompletedProcess[st
 def test_flaw_fails_its_check(suite_run: subprocess.CompletedProcess[str], flaw: str, board: str, suite: str, test: str,
                               message: str) -> None:
     assert_failed_on(suite_run, suite, on_board(test, board), message)
+
+
+def test_factory_reset_on_nvs_in_clear_is_judged_by_name(suite_run: subprocess.CompletedProcess[str]) -> None:
+    for test in PLAIN_NVS_TESTS:
+        assert_passed(suite_run, FACTORY_RESET, on_board(test, PLAIN_NVS_BOARD))
+    assert_failed_on(suite_run, FACTORY_RESET, on_board(PLAIN_NVS_TESTS[0], PLAIN_NVS_KEEPS_WIFI_BOARD),
+                     "user data survived the factory reset: NVS still holds ['nvs.net80211']")  # fmt: skip
