@@ -23,6 +23,7 @@ CAUGHT_BY: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "no_server_cert_check": ("cc-nocert", [
         (f"{IMPOSTOR_TEST}[unknown_ca-", "completed a TLS handshake with an impostor broker"),
         (f"{IMPOSTOR_TEST}[wrong_subject-", "completed a TLS handshake with an impostor broker"),
+        (f"{IMPOSTOR_TEST}[expired-", "completed a TLS handshake with an impostor broker"),
     ]),
     "plaintext_mqtt": ("cc-plainmqtt", [("test_node_reaches_the_cloud_only_over_tls[", "plaintext MQTT port")]),
     "no_reconnect_backoff": ("cc-storm", [("test_node_backs_off_while_it_cannot_connect[", "reconnection storm")]),

@@ -938,18 +938,23 @@ def _delivery(ctx: CloudContext) -> DeliveryControl:
     return ctx.delivery
 
 
+def _require_known_node(ctx: CloudContext, node_id: str) -> None:
+    """404 for a node the store has never heard of (the test controls act only on real nodes)."""
+    if ctx.store.get_node(node_id) is None:
+        raise ApiError(
+            404,
+            f"node {node_id} is not known to the cloud: it has not reported its config or params nor been mapped yet",
+            ErrorCode.NOT_FOUND,
+        )
+
+
 @test_only.post("/ota/delivery", response_model=OtaDeliveryPlanView, responses={404: _ERRORS[404], 503: _ERRORS[503]})
 def arm_ota_delivery(ctx: Ctx, body: OtaDeliveryPlanBody) -> OtaDeliveryPlanView:
     """Arm a one-shot delivery plan for the node's next OTA publish (test mode only): served
     unsigned, over plain HTTP or from a rogue-CA host, cut or stalled after N bytes. Replaces
     a plan already armed for the node."""
     control = _delivery(ctx)
-    if ctx.store.get_node(body.node_id) is None:
-        raise ApiError(
-            404,
-            f"node {body.node_id} is not known to the cloud: it has not reported its config or params nor been mapped yet",
-            ErrorCode.NOT_FOUND,
-        )
+    _require_known_node(ctx, body.node_id)
     fields = body.model_dump()
     previous = control.plans.arm(DeliveryPlan(**fields))
     return OtaDeliveryPlanView(**fields, replaced=previous is not None)
@@ -993,12 +998,7 @@ def send_raw_to_node(ctx: Ctx, body: RawToNodeBody) -> RawToNodeSent:
             f"the payload of {len(payload)} bytes is larger than the {MAX_RAW_TO_NODE_BYTES} bytes this control sends",
             ErrorCode.BODY_TOO_LARGE,
         )
-    if ctx.store.get_node(body.node_id) is None:
-        raise ApiError(
-            404,
-            f"node {body.node_id} is not known to the cloud: it has not reported its config or params nor been mapped yet",
-            ErrorCode.NOT_FOUND,
-        )
+    _require_known_node(ctx, body.node_id)
     publish_raw = getattr(ctx.mqtt, "publish_raw_to_node", None)
     if not callable(publish_raw):
         raise ApiError(

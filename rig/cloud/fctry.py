@@ -366,30 +366,19 @@ def _impossible_state(what: str, base: int, index: int, state: int) -> FirmwareF
     return FirmwareFormatError(what, f"entry {index} has the impossible state bits 0b{state:02b}", base + BITMAP_OFFSET + index // 4)
 
 
-def _crc_census(image: bytes) -> tuple[int, int]:
-    """``(passed, written)``: written entries, each taken as an item header, whose entry CRC32 matches.
-
-    Lenient on purpose (pages with a bad header are skipped): it only classifies a CRC
-    failure the parser already hit. Data entries are counted too; their chance of passing
-    a CRC by accident is 2^-32, so ``passed == 0`` means no item header is intact.
-    """
-    passed = written = 0
-    for base in range(0, len(image), PAGE_SIZE):  # the size was checked: whole pages
-        header = NVS_PAGE_HEADER_LAYOUT.unpack(image, base)
-        if header["state"] not in READABLE_PAGE_STATES or page_header_crc32(image[base : base + 32]) != header["crc32"]:
-            continue
-        bitmap = image[base + BITMAP_OFFSET : base + BITMAP_OFFSET + 32]
-        for index in range(ENTRY_COUNT):
-            if _entry_state(bitmap, index) == ENTRY_WRITTEN:
-                entry = image[base + FIRST_ENTRY_OFFSET + index * ENTRY_SIZE :][:ENTRY_SIZE]
-                written += 1
-                passed += int(entry_crc32(entry) == NVS_ENTRY_LAYOUT.unpack(entry)["crc32"])
-    return passed, written
+def _crc_census(image: bytes, what: str) -> tuple[int, int]:
+    """``(passed, written)``: written entries (:func:`nvs_written_entries`), each taken as an item
+    header, whose entry CRC32 matches. It only classifies a CRC failure the parser already hit:
+    data entries are counted too, but their chance of passing a CRC by accident is 2^-32, so
+    ``passed == 0`` means no item header is intact."""
+    entries = nvs_written_entries(image, what)
+    passed = sum(entry_crc32(raw) == NVS_ENTRY_LAYOUT.unpack(raw)["crc32"] for raw in entries.values())
+    return passed, len(entries)
 
 
 def _entry_crc_error(image: bytes, what: str, offset: int, stored: int, decrypted: bool) -> FirmwareFormatError:
     """The error for the entry at *offset* failing its CRC: corruption, or a whole partition in the wrong cipher state."""
-    passed, written = _crc_census(image)
+    passed, written = _crc_census(image, what)
     if passed:
         return FirmwareFormatError(what, f"entry CRC32 mismatch (stored 0x{stored:08x})", offset)
     if decrypted:

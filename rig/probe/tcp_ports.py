@@ -320,52 +320,20 @@ async def _accepts(ip: str, port: int, timeout_s: float) -> bool:
 # --------------------------------------------------------------------------- the public scans
 
 
-def open_tcp_ports(
-    address: str, ports: Iterable[int] = ALL_PORTS, *, concurrency: int = DEFAULT_CONCURRENCY, timeout_s: float = 1.0
-) -> list[int]:
-    """The *ports* of *address* that accept a TCP connection, ascending — whoever listens there
-    (on loopback that includes the host's wildcard listeners: :func:`scan_board` tells them apart).
-
-    A port silent for *timeout_s* is tried once more; :class:`PortScanError` when the address
-    answered on no port at all (nothing could be judged closed)."""
-    ip = resolve(address)
-    checked = _checked_ports(ports)
-    return asyncio.run(_sweep(ip, checked, _capped(concurrency), timeout_s)).accepted
-
-
-def accepts(address: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether *address*:*port* accepts a TCP connection within *timeout_s*."""
-    return asyncio.run(_accepts(resolve(address), port, timeout_s))
-
-
-def host_wildcard_ports(address: str, ports: Iterable[int], *, timeout_s: float = 1.0) -> set[int]:
-    """Those of *ports* that accept on the loopback reference of *address*: a host listener bound
-    to every address answers them, so on *address* they say nothing about the board. Empty for an
-    address off loopback."""
-    reference = loopback_reference(address)
-    if reference is None:
-        return set()
-    checked = _checked_ports(ports)
-
-    async def check() -> set[int]:
-        answers = await asyncio.gather(*(_accepts(reference, port, timeout_s) for port in checked))
-        return {port for port, yes in zip(checked, answers, strict=True) if yes}
-
-    return asyncio.run(check())
+async def _owner(ip: str, reference: str | None, port: int, timeout_s: float) -> str:
+    """Whose *port* is, looked at now: ``board`` (it accepts on *ip* and, on loopback, not on the
+    *reference* address, where only host wildcard listeners answer), ``host``, or ``vanished``."""
+    if not await _accepts(ip, port, timeout_s):
+        return "vanished"
+    if reference is not None and await _accepts(reference, port, timeout_s):
+        return "host"
+    return "board"
 
 
 def board_owned(address: str, port: int, *, timeout_s: float = 1.0) -> bool:
-    """Whether *port* is open on the board at *address* itself: it accepts there and (on
-    loopback) not on the reference address, where only host wildcard listeners answer."""
+    """Whether *port* is open on the board at *address* itself, not a host wildcard listener."""
     ip = resolve(address)
-    reference = loopback_reference(ip)
-
-    async def check() -> bool:
-        if not await _accepts(ip, port, timeout_s):
-            return False
-        return reference is None or not await _accepts(reference, port, timeout_s)
-
-    return asyncio.run(check())
+    return asyncio.run(_owner(ip, loopback_reference(ip), port, timeout_s)) == "board"
 
 
 def scan_board(
@@ -392,14 +360,7 @@ def scan_board(
         host = {port for port, yes in zip(at_once, done, strict=True) if yes is True}
         candidates = [port for port in sweep.accepted if port not in host]
 
-        async def second_look(port: int) -> str:
-            if not await _accepts(ip, port, timeout_s):
-                return "vanished"
-            if reference is not None and await _accepts(reference, port, timeout_s):
-                return "host"
-            return "board"
-
-        looks = dict(zip(candidates, await asyncio.gather(*(second_look(p) for p in candidates)), strict=True))
+        looks = dict(zip(candidates, await asyncio.gather(*(_owner(ip, reference, p, timeout_s) for p in candidates)), strict=True))
         host |= {port for port, seen in looks.items() if seen == "host"}
         return PortScan(
             address=address,
@@ -465,13 +426,10 @@ __all__ = [
     "LOOPBACK_REFERENCE",
     "PortScan",
     "PortScanError",
-    "accepts",
     "banner",
     "banner_text",
     "board_owned",
-    "host_wildcard_ports",
     "loopback_reference",
-    "open_tcp_ports",
     "resolve",
     "scan_board",
 ]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rig.cloud.fctry import (
     BITMAP_OFFSET,
@@ -348,39 +349,36 @@ class _Layout:
 def _walk(log: _PageLog) -> _Layout:
     namespaces: dict[str, int] = {}
     single: dict[tuple[int, str], _Slot] = {}
-    indexes: dict[tuple[int, str], tuple[_Slot, int, int]] = {}
+    indexes: dict[tuple[int, str], _Slot] = {}
+    index_chunks: dict[tuple[int, str], range] = {}
     chunks: dict[tuple[int, str, int], _Slot] = {}
     stale: list[_Slot] = []
 
-    def keep(table: dict, key: object, value: object) -> None:
-        old = table.get(key)
-        if old is not None:
-            stale.append(old[0] if isinstance(old, tuple) else old)
-        table[key] = value
+    def keep(table: dict[Any, _Slot], key: Any, slot: _Slot) -> None:
+        if key in table:
+            stale.append(table[key])  # an older copy: this one was written later
+        table[key] = slot
 
     for page in log.in_order():
         for index, span in page.items():
             entry = NVS_ENTRY_LAYOUT.unpack(page.read(index), 0, "nvs entry")
             slot = _Slot(page, index, span)
-            name = entry["key"].split(b"\0", 1)[0].decode(errors="replace")
-            at = (entry["ns"], name)
+            at = (entry["ns"], entry["key"].split(b"\0", 1)[0].decode(errors="replace"))
             if entry["ns"] == 0:
-                namespaces[name] = entry["data"][0]
+                namespaces[at[1]] = entry["data"][0]
             elif entry["type"] == NvsType.BLOB_DATA:
                 keep(chunks, (*at, entry["chunk_index"]), slot)
             elif entry["type"] == NvsType.BLOB_IDX:
                 fields = NVS_BLOB_INDEX_LAYOUT.unpack(entry["data"], 0, "nvs blob index")
-                keep(indexes, at, (slot, fields["chunk_start"], fields["chunk_count"]))
+                keep(indexes, at, slot)
+                index_chunks[at] = range(fields["chunk_start"], fields["chunk_start"] + fields["chunk_count"])
             else:
                 keep(single, at, slot)
     items: dict[tuple[int, str], list[_Slot]] = {at: [slot] for at, slot in single.items()}
-    starts: dict[tuple[int, str], int] = {}
-    for at, (slot, start, count) in indexes.items():
-        owned = [chunks.pop((*at, n)) for n in range(start, start + count) if (*at, n) in chunks]
-        items[at] = [*owned, slot]
-        starts[at] = start
+    for at, slot in indexes.items():
+        items[at] = [*(chunks.pop((*at, n)) for n in index_chunks[at] if (*at, n) in chunks), slot]
     stale.extend(chunks.values())  # chunks no live index names
-    return _Layout(namespaces, items, starts, stale)
+    return _Layout(namespaces, items, {at: r.start for at, r in index_chunks.items()}, stale)
 
 
 class NvsStore:
