@@ -36,6 +36,9 @@ class _Channel:
     def publish_to_node(self, node_id: str, suffix: str, payload: dict[str, object]) -> None:
         return None
 
+    def publish_raw_to_node(self, node_id: str, suffix: str, payload: bytes) -> None:
+        return None
+
 
 class _Published:
     url, file_size, sha256 = "https://127.0.0.1:1/ota/x.bin", 1, "00" * 32

@@ -999,8 +999,7 @@ def send_raw_to_node(ctx: Ctx, body: RawToNodeBody) -> RawToNodeSent:
             ErrorCode.BODY_TOO_LARGE,
         )
     _require_known_node(ctx, body.node_id)
-    publish_raw = getattr(ctx.mqtt, "publish_raw_to_node", None)
-    if not callable(publish_raw):
+    if ctx.mqtt is None:
         raise ApiError(
             503,
             "raw messages to nodes need the cloud MQTT service (rig.cloud.service.CloudMqtt), and this API runs without it",
@@ -1008,7 +1007,7 @@ def send_raw_to_node(ctx: Ctx, body: RawToNodeBody) -> RawToNodeSent:
         )
     topic = f"node/{body.node_id}/{body.suffix}"
     try:
-        publish_raw(body.node_id, body.suffix, payload)
+        ctx.mqtt.publish_raw_to_node(body.node_id, body.suffix, payload)
     except NodeUnreachable as exc:
         raise ApiError(503, f"the broker did not take the message for {topic}: {exc} (is the stack running? `rig status`)",
                        ErrorCode.SERVICE_UNAVAILABLE) from exc  # fmt: skip

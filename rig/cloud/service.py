@@ -100,9 +100,12 @@ class OtaImagePublisher(Protocol):
 
 
 class NodeChannel(Protocol):
-    """How the REST API reaches a node: a QoS 1 publish on ``node/<node_id>/<suffix>``."""
+    """How the REST API reaches a node: a QoS 1 publish on ``node/<node_id>/<suffix>`` of JSON it
+    built, or (the test control ``POST /test/mqtt/to-node`` only) of bytes as they are."""
 
     def publish_to_node(self, node_id: str, suffix: str, payload: dict[str, Any]) -> None: ...
+
+    def publish_raw_to_node(self, node_id: str, suffix: str, payload: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
